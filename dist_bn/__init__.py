@@ -1,0 +1,17 @@
+"""dist_bn: exact synchronized batch normalization for Keras 3 with Horovod.
+
+`SyncBatchNormalization` is a drop-in `keras.layers.BatchNormalization` whose
+training statistics cover the global batch of all ranks; `sync_moments` is the
+distributed `tf.nn.moments`; `convert_sync_batchnorm` converts a model.
+"""
+from dist_bn.convert import convert_sync_batchnorm
+from dist_bn.ops import sync_batch_normalization, sync_moments
+from dist_bn.sync_batch_normalization import SyncBatchNormalization
+
+__version__ = "0.1.0"
+__all__ = [
+    "SyncBatchNormalization",
+    "convert_sync_batchnorm",
+    "sync_batch_normalization",
+    "sync_moments",
+]

@@ -1,0 +1,108 @@
+"""Synchronized moments and batch normalization as differentiable TF ops.
+
+`sync_moments` is the `tf.nn.moments` of the distributed world and
+`sync_batch_normalization` the training-mode batch norm that
+`SyncBatchNormalization` runs. Each costs exactly one all-reduce forward and
+one backward, O(C) values whatever the number of ranks, through custom
+gradients (autodiff through the forward collective would add more).
+"""
+import tensorflow as tf
+
+from dist_bn import collectives
+from dist_bn import moments
+
+
+def global_moments(x, axes, name, process_set):
+    """(count, mean, variance) over all ranks' `x`, float64, not differentiable.
+
+    One all-reduce of 2C+1 float64 values named `name/moments`.
+    """
+    count, mean, m2 = moments.local_moments(x, axes)
+    packed = moments.pack_moments(count, mean, m2)
+    summed = collectives.allreduce_sum(packed, f"{name}/moments", process_set)
+    return moments.unpack_moments(summed)
+
+
+def sync_moments(x, axes, keepdims=False, process_set=None, name="sync_moments"):
+    """Mean and (biased) variance of `x` over `axes` and over every rank.
+
+    Differentiable: the gradient is that of the sum of every rank's loss,
+    with one all-reduce of the 2C upstream values. Every rank must call it
+    (an empty `x` is fine) with a `name` unique among collectives in flight.
+    Statistics are float32 for float16/bfloat16 inputs and x's dtype otherwise.
+    """
+    x = tf.identity(x)  # see sync_batch_normalization
+    if not x.dtype.is_floating:
+        raise TypeError(f"sync_moments needs a floating-point tensor, got {x.dtype.name}.")
+    process_set = collectives.resolve_process_set(process_set)
+    ndim = x.shape.rank
+    axes = sorted(a % ndim for a in axes)
+    kept_shape = [1 if i in axes else -1 for i in range(ndim)]
+    compute = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
+
+    @tf.custom_gradient
+    def _moments(x):
+        xc = tf.cast(x, compute)
+        count, mean64, var64 = global_moments(xc, axes, name, process_set)
+        mean, variance = tf.cast(mean64, compute), tf.cast(var64, compute)
+
+        def grad(d_mean, d_variance):
+            d_mean = tf.zeros_like(mean) if d_mean is None else tf.reshape(d_mean, [-1])
+            d_var = tf.zeros_like(variance) if d_variance is None else tf.reshape(d_variance, [-1])
+            summed = collectives.allreduce_sum(
+                tf.concat([d_mean, d_var], 0), f"{name}/grad", process_set
+            )
+            n = tf.cast(count, compute)
+            g_mean = tf.math.divide_no_nan(summed[: mean.shape[0]], n)
+            g_var = tf.math.divide_no_nan(2.0 * summed[mean.shape[0] :], n)
+            dx = tf.reshape(g_mean, kept_shape) + (
+                xc - tf.reshape(mean, kept_shape)
+            ) * tf.reshape(g_var, kept_shape)
+            return tf.cast(dx, x.dtype)
+
+        if keepdims:
+            return (tf.reshape(mean, kept_shape), tf.reshape(variance, kept_shape)), grad
+        return (mean, variance), grad
+
+    return _moments(x)
+
+
+def sync_batch_normalization(
+    x, gamma, beta, axis, epsilon, process_set=None, name="sync_batch_normalization"
+):
+    """Training-mode batch norm of `x` with statistics over every rank.
+
+    Returns (y, mean, variance, count): y in x's dtype, and the global float64
+    mean, biased variance and count for the moving averages (not
+    differentiable). Gradients flow to x, gamma and beta; gamma's and beta's are
+    this rank's share (sum them over ranks, as a gradient all-reduce does).
+    """
+    # Own copies in the current graph: inside a tf.cond branch the gradient
+    # closures below must not capture tensors of the enclosing graph.
+    x, gamma, beta = tf.identity(x), tf.identity(gamma), tf.identity(beta)
+    ndim = x.shape.rank
+    axes = moments.reduction_axes(ndim, axis)
+    shape = moments.broadcast_shape(ndim, axis)
+    count, mean64, var64 = global_moments(tf.stop_gradient(x), axes, name, process_set)
+    mean = tf.cast(mean64, x.dtype)
+    inv_std = tf.math.rsqrt(tf.cast(var64, x.dtype) + epsilon)
+
+    @tf.custom_gradient
+    def _normalize(x, gamma, beta):
+        y = moments.normalize(x, mean, inv_std, gamma, beta, shape)
+
+        def grad(dy):
+            sum_dy, sum_dy_xhat = moments.local_grad_sums(dy, x, mean, inv_std, axes, shape)
+            channels = sum_dy.shape[0]
+            summed = collectives.allreduce_sum(
+                tf.concat([sum_dy, sum_dy_xhat], 0), f"{name}/grad", process_set
+            )
+            dx = moments.input_grad(
+                dy, x, mean, inv_std, gamma, count,
+                summed[:channels], summed[channels:], shape,
+            )
+            return dx, sum_dy_xhat, sum_dy
+
+        return y, grad
+
+    return _normalize(x, gamma, beta), mean64, var64, count

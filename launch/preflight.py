@@ -1,0 +1,121 @@
+"""Checks of the launching machine, done once by the launcher before it starts
+anything: the launcher program is installed, files named in the config exist,
+and the run directory policy holds.
+
+They are kept out of `load_config` on purpose: ranks re-load the config on
+other hosts (where the host file need not exist) and after rank 0 has created
+the run directory, so these checks would give them wrong answers.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from launch.config import Config, ConfigError
+
+INSTALL_HINT = {
+    "horovodrun": "install Horovod with `bash scripts/bootstrap.sh` (or activate .venv)",
+    "mpirun": "install Open MPI with `bash scripts/bootstrap.sh` (apt package openmpi-bin)",
+}
+
+
+def find_launcher(backend: str, path: str | None = None) -> str:
+    """The program to run for `backend`: its bare name when found on PATH (so the
+    printed command is the one a shell would run), else the copy next to this
+    Python (a venv's bin/, used without activating it), as an absolute path."""
+    if shutil.which(backend, path=path):
+        return backend
+    beside = Path(sys.executable).parent / backend
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise ConfigError(f"launcher.backend: {backend} not found on PATH; {INSTALL_HINT[backend]}")
+
+
+def absolute(path: str, cwd: str | os.PathLike | None = None) -> str:
+    """`path` with ~ expanded, made absolute against `cwd` (default: the current
+    directory), without resolving symlinks."""
+    expanded = os.path.expanduser(path)
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), expanded))
+
+
+_HOROVOD_HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)\s*")
+
+
+def hostfile_slots(path: str, backend: str) -> int | None:
+    """Total slots in a host file, or None when some line does not say.
+
+    horovodrun parses the file naively (every line must be 'host slots=N'; a
+    blank or comment line crashes it), so that format is enforced for it.
+    Open MPI also allows comments, blank lines and lines without slots.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except IsADirectoryError:
+        raise ConfigError(f"launcher.hostfile: {path} is a directory, not a host file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"launcher.hostfile: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    total, complete = 0, True
+    for number, line in enumerate(lines, start=1):
+        if backend == "horovodrun":
+            match = _HOROVOD_HOSTFILE_LINE.fullmatch(line)
+            if not match:
+                raise ConfigError(
+                    f"launcher.hostfile: {path} line {number}: horovodrun needs 'hostname slots=N' "
+                    f"on every line, no blank or comment lines; got {line!r}")
+            total += int(match.group(2))
+            continue
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        slots = re.search(r"\bslots=(\d+)", line)
+        if slots:
+            total += int(slots.group(1))
+        else:
+            complete = False
+    if total == 0 and complete:
+        raise ConfigError(f"launcher.hostfile: {path} lists no hosts")
+    return total if complete else None
+
+
+def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over an existing non-empty run directory unless the user
+    said what to do with it. (Rank 0 of the job creates or clears it.)"""
+    path = Path(run_dir)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"run.dir: {run_dir} exists and is not a directory; pick another run.dir")
+    if resume or overwrite:
+        return
+    if any(path.iterdir()):
+        raise ConfigError(
+            f"run.dir: {run_dir} already exists and is not empty; pick another run.dir, "
+            "or set run.resume=true to continue it, or run.overwrite=true to replace it")
+
+
+def preflight(config: Config, cwd: str | os.PathLike | None = None) -> Config:
+    """Run every launching-machine check; return a copy of `config` whose local
+    paths (run.dir, launcher.hostfile, launcher.ssh_identity_file) are absolute."""
+    config = copy.deepcopy(config)
+    launcher, run = config["launcher"], config["run"]
+
+    for key in ("hostfile", "ssh_identity_file"):
+        if launcher[key] is not None:
+            launcher[key] = absolute(launcher[key], cwd)
+            if not os.path.exists(launcher[key]):
+                raise ConfigError(f"launcher.{key}: no such file: {launcher[key]}")
+
+    if launcher["hostfile"] is not None:
+        slots = hostfile_slots(launcher["hostfile"], launcher["backend"])
+        if slots is not None and slots < launcher["num_proc"]:
+            raise ConfigError(
+                f"launcher.hostfile: slots in {launcher['hostfile']} add up to {slots} but "
+                f"launcher.num_proc is {launcher['num_proc']}; add hosts or slots, or lower launcher.num_proc")
+
+    run["dir"] = absolute(run["dir"], cwd)
+    check_run_dir(run["dir"], run["resume"], run["overwrite"])
+    return config

@@ -1,0 +1,510 @@
+"""The one schema of a dist_bn config: every key, its type, default, range and doc.
+
+The launcher and the training job read the same YAML file, so both halves live
+here (sections model, data, train, run for the job; launcher, horovod for the
+launcher) and an unknown or mistyped key anywhere is caught before any process
+starts. Keys are plain data (`Field` rows in `FIELDS`, cross-key `Rule` rows in
+`RULES`); `launch.config` applies them and `render_markdown` documents them.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+# ---------------------------------------------------------------------------
+# Value types. Each knows how to check (and normalize) one YAML value, and how
+# to describe itself for the docs table and for error messages.
+# ---------------------------------------------------------------------------
+
+
+class ValueProblem(Exception):
+    """What is wrong with a value, phrased to follow its key: 'must be ..., got ...'."""
+
+
+def show(value: Any) -> str:
+    """Render a YAML value the way the user wrote it, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate most like `word` (difflib), for 'did you mean ...?' hints."""
+    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class ValueType:
+    """Base of the value types; `name` and `allowed` feed the docs table."""
+
+    name = "?"
+
+    def allowed(self) -> str:
+        return "any"
+
+    def check(self, value: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Int(ValueType):
+    """An integer, optionally bounded (inclusive)."""
+
+    min: int | None = None
+    max: int | None = None
+    name = "int"
+
+    def allowed(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"{self.min} .. {self.max}"
+        if self.min is not None:
+            return f">= {self.min}"
+        if self.max is not None:
+            return f"<= {self.max}"
+        return "any"
+
+    def _wanted(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"an integer from {self.min} to {self.max}"
+        if self.min is not None:
+            return f"an integer >= {self.min}"
+        if self.max is not None:
+            return f"an integer <= {self.max}"
+        return "an integer"
+
+    def check(self, value: Any) -> int:
+        if not _is_int(value):
+            raise ValueProblem(f"must be {self._wanted()}, got {show(value)}")
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise ValueProblem(f"must be {self._wanted()}, got {value}")
+        return value
+
+
+# PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string. Accept that
+# spelling for floats instead of failing on a number the user clearly meant.
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+@dataclass(frozen=True)
+class Float(ValueType):
+    """A real number with optional open or closed bounds; integers are accepted."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    name = "float"
+
+    def allowed(self) -> str:
+        lo, hi = self.min, self.max
+        if lo is not None and hi is not None:
+            return f"{'(' if self.min_open else '['}{lo:g}, {hi:g}{')' if self.max_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.min_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if self.max_open else '<='} {hi:g}"
+        return "any"
+
+    def check(self, value: Any) -> float:
+        bound = self.allowed()
+        if bound == "any":
+            wanted = "a number"
+        elif bound[0] in "([":
+            wanted = f"a number in {bound}"
+        else:
+            wanted = f"a number {bound}"
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueProblem(f"must be {wanted}, got {show(value)}")
+        value = float(value)
+        lo, hi = self.min, self.max
+        if lo is not None and (value < lo or (self.min_open and value == lo)):
+            raise ValueProblem(f"must be {wanted}, got {value:g}")
+        if hi is not None and (value > hi or (self.max_open and value == hi)):
+            raise ValueProblem(f"must be {wanted}, got {value:g}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(ValueType):
+    """true or false (YAML booleans only, so a typo is not read as a string)."""
+
+    name = "bool"
+
+    def allowed(self) -> str:
+        return "true, false"
+
+    def check(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueProblem(f"must be true or false, got {show(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(ValueType):
+    """One string out of a fixed set."""
+
+    choices: tuple[str, ...]
+    name = "str"
+
+    def allowed(self) -> str:
+        return ", ".join(self.choices)
+
+    def check(self, value: Any) -> str:
+        if value in self.choices and isinstance(value, str):
+            return value
+        listed = ", ".join(self.choices)
+        hint = closest(value, list(self.choices)) if isinstance(value, str) else None
+        suffix = f" (did you mean {hint}?)" if hint else ""
+        raise ValueProblem(f"must be one of {listed}; got {show(value)}{suffix}")
+
+
+@dataclass(frozen=True)
+class Text(ValueType):
+    """A non-empty string; `name` says what it holds (str, path, command)."""
+
+    name: str = "str"
+
+    def allowed(self) -> str:
+        return "non-empty"
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueProblem(f"must be a non-empty string, got {show(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class TextList(ValueType):
+    """A list of non-empty strings (numbers are taken as text).
+
+    With `comma_string`, a single "a,b" string is accepted and split, which is
+    how the same value is written on the command line of horovodrun.
+    """
+
+    comma_string: bool = False
+    name = "list of str"
+
+    def allowed(self) -> str:
+        return "list, or \"a,b\" string" if self.comma_string else "list"
+
+    def check(self, value: Any) -> list[str]:
+        wanted = "a list of strings" + (" or a comma-separated string" if self.comma_string else "")
+        if self.comma_string and isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list):
+            raise ValueProblem(f"must be {wanted}, got {show(value)}")
+        items = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                raise ValueProblem(f"must be {wanted}; item {show(item)} is not a string")
+            text = str(item).strip() if self.comma_string else str(item)
+            if not text:
+                raise ValueProblem(f"must be {wanted}; it has an empty item")
+            items.append(text)
+        return items
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class EnvMap(ValueType):
+    """Environment variables, NAME: value; values become strings."""
+
+    name = "mapping"
+
+    def allowed(self) -> str:
+        return "NAME: value"
+
+    def check(self, value: Any) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise ValueProblem(f"must be a mapping of NAME: value, got {show(value)}")
+        env = {}
+        for name, item in value.items():
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                raise ValueProblem(f"{show(name)} is not a valid environment variable name")
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                raise ValueProblem(
+                    f"value of {name} must be a string or a number, got {show(item)}"
+                    + (" (quote it: 'true')" if isinstance(item, bool) else "")
+                )
+            env[name] = str(item)
+        return env
+
+
+def parse_hosts(text: str) -> list[tuple[str, int]]:
+    """Split "h1:4,h2:4" into [("h1", 4), ("h2", 4)]; raise ValueProblem if malformed."""
+    pairs = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        name, sep, slots = entry.rpartition(":")
+        if not sep or not name or re.search(r"\s", name) or not slots.isdigit() or int(slots) < 1:
+            raise ValueProblem(f"entry {entry!r} must be host:slots with slots >= 1, e.g. node1:8")
+        if any(name == seen for seen, _ in pairs):
+            raise ValueProblem(f"lists host {name!r} twice")
+        pairs.append((name, int(slots)))
+    return pairs
+
+
+@dataclass(frozen=True)
+class Hosts(ValueType):
+    """Hosts with slot counts, "h1:4,h2:4" or a list; normalized to the string form."""
+
+    name = "hosts"
+
+    def allowed(self) -> str:
+        return "\"h1:4,h2:4\" or list"
+
+    def check(self, value: Any) -> str:
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            value = ",".join(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueProblem(f"must be host:slots entries such as \"node1:8,node2:8\", got {show(value)}")
+        return ",".join(f"{name}:{slots}" for name, slots in parse_hosts(value))
+
+
+# ---------------------------------------------------------------------------
+# The schema proper.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key. A null default means "unset": the key may also be null."""
+
+    key: str
+    type: ValueType
+    default: Any
+    doc: str
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+    def check(self, value: Any) -> Any:
+        """Normalize `value` or raise ValueProblem. Empty YAML (null) means an empty
+        list/mapping for container keys and "unset" for keys whose default is null."""
+        if value is None:
+            if self.default is None:
+                return None
+            if isinstance(self.default, (list, dict)):
+                return type(self.default)()
+        return self.type.check(value)
+
+
+SECTIONS: dict[str, str] = {
+    "model": "the network the training job builds",
+    "data": "the synthetic video-clip data set",
+    "train": "optimization and logging",
+    "run": "where results go and what to do with an existing run",
+    "launcher": "how processes are started (horovodrun or mpirun)",
+    "horovod": "Horovod tuning knobs; null = Horovod's own default",
+}
+
+FIELDS: tuple[Field, ...] = (
+    # model
+    Field("model.width", Int(min=1), 16, "Channels of the first Conv3D block."),
+    Field("model.depth", Int(min=1), 3, "Number of Conv3D-BN-ReLU blocks; channels double per block."),
+    Field("model.bn", Choice(("sync", "local", "none")), "sync",
+          "Batch norm: sync = exact statistics over all ranks, local = per-rank Keras BN, none = no BN."),
+    Field("model.momentum", Float(0, 1, min_open=True, max_open=True), 0.9, "BN moving-average momentum."),
+    # data
+    Field("data.frames", Int(min=2), 8, "Frames per clip."),
+    Field("data.height", Int(min=8), 32, "Frame height in pixels."),
+    Field("data.width", Int(min=8), 32, "Frame width in pixels."),
+    Field("data.num_classes", Int(min=2), 4, "Number of classes."),
+    Field("data.train_clips", Int(min=1), 2048, "Training clips in total (split across ranks)."),
+    Field("data.eval_clips", Int(min=1), 512, "Evaluation clips in total (split across ranks)."),
+    Field("data.seed", Int(), 0, "Seed of the synthetic data set."),
+    # train
+    Field("train.batch_size", Int(min=1), 4, "Clips per rank per step (global batch = batch_size x ranks)."),
+    Field("train.epochs", Int(min=1), 3, "Training epochs."),
+    Field("train.learning_rate", Float(0, min_open=True), 0.01,
+          "Per-rank base learning rate; the job scales it by the number of ranks."),
+    Field("train.warmup_epochs", Float(0), 1.0, "Epochs of linear learning-rate warmup."),
+    Field("train.optimizer", Choice(("sgd", "adam")), "sgd", "Optimizer."),
+    Field("train.momentum", Float(0, 1, max_open=True), 0.9, "SGD momentum (adam: beta_1)."),
+    Field("train.mixed_precision", Bool(), False, "Compute in float16 (mixed_float16 policy); for GPUs."),
+    Field("train.seed", Int(), 0, "Seed for weights and shuffling."),
+    Field("train.log_every", Int(min=1), 10, "Log metrics every this many steps."),
+    Field("train.checkpoint_every", Int(min=1), 1, "Write a checkpoint every this many epochs."),
+    # run
+    Field("run.dir", Text("path"), "runs/demo",
+          "Run directory (checkpoints, logs); relative to the current directory."),
+    Field("run.resume", Bool(), False, "Continue the run found in run.dir."),
+    Field("run.overwrite", Bool(), False, "Replace an existing non-empty run.dir."),
+    Field("run.tensorboard", Bool(), True, "Write TensorBoard logs under run.dir."),
+    # launcher
+    Field("launcher.backend", Choice(("horovodrun", "mpirun")), "horovodrun", "Program that starts the ranks."),
+    Field("launcher.controller", Choice(("gloo", "mpi")), "gloo",
+          "Horovod controller: horovodrun --gloo or --mpi; mpirun needs mpi."),
+    Field("launcher.num_proc", Int(min=1), 2, "Number of ranks (-np)."),
+    Field("launcher.hosts", Hosts(), None, "Hosts and slots (-H); null = localhost:num_proc."),
+    Field("launcher.hostfile", Text("path"), None,
+          "Host file, one 'host slots=N' per line (horovodrun --hostfile, mpirun -hostfile)."),
+    Field("launcher.network_interfaces", TextList(comma_string=True), None,
+          "NICs to use (--network-interfaces; mpirun: btl_tcp_if_include and NCCL_SOCKET_IFNAME)."),
+    Field("launcher.ssh_port", Int(1, 65535), None, "SSH port on all hosts (-p)."),
+    Field("launcher.ssh_identity_file", Text("path"), None, "SSH private key on this machine (-i)."),
+    Field("launcher.start_timeout", Int(min=1), None,
+          "Seconds for horovodrun to check hosts and start ranks (--start-timeout; Horovod: 30)."),
+    Field("launcher.python", Text("command"), None,
+          "Python every rank runs; null = the launcher's own interpreter (same path on every host)."),
+    Field("launcher.env", EnvMap(), {}, "Extra environment for every rank (mpirun: also -x NAME)."),
+    Field("launcher.extra_args", TextList(), [], "Arguments appended to the launcher's own flags (escape hatch)."),
+    Field("launcher.verbose", Bool(), False, "horovodrun --verbose (no effect with mpirun)."),
+    # horovod
+    Field("horovod.fusion_threshold_mb", Int(min=0), None,
+          "Tensor fusion buffer in MB, 0 disables fusion (--fusion-threshold-mb; Horovod: 128)."),
+    Field("horovod.cycle_time_ms", Float(0, min_open=True), None,
+          "Fusion cycle time in ms (--cycle-time-ms; Horovod: 1)."),
+    Field("horovod.cache_capacity", Int(min=0), None,
+          "Response cache entries, 0 disables (--cache-capacity; Horovod: 1024)."),
+    Field("horovod.timeline_filename", Text("path"), None, "Write a Horovod timeline JSON here (--timeline-filename)."),
+    Field("horovod.autotune", Bool(), False, "Autotune the knobs above at run time (--autotune)."),
+    Field("horovod.autotune_log_file", Text("path"), None, "CSV log of autotune trials (--autotune-log-file)."),
+    Field("horovod.stall_check", Bool(), True, "Warn when ranks stall; false = --no-stall-check."),
+    Field("horovod.stall_check_warning_time_seconds", Int(min=0), None,
+          "Seconds before a stall warning (--stall-check-warning-time-seconds; Horovod: 60)."),
+    Field("horovod.stall_check_shutdown_time_seconds", Int(min=0), None,
+          "Seconds before a stalled job shuts down, 0 = never (--stall-check-shutdown-time-seconds)."),
+)
+
+BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
+
+
+def section_keys(section: str) -> list[str]:
+    """Key names (without the section) allowed in `section`, in schema order."""
+    return [f.name for f in FIELDS if f.section == section]
+
+
+# ---------------------------------------------------------------------------
+# Rules that involve more than one key. `check` gets the filled-in config and
+# returns a problem (reported under keys[0]) or None.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    keys: tuple[str, ...]
+    doc: str
+    check: Callable[[Mapping[str, Mapping[str, Any]]], str | None] = field(repr=False)
+
+
+def _gloo_needs_horovodrun(c):
+    if c["launcher"]["controller"] == "gloo" and c["launcher"]["backend"] == "mpirun":
+        return ("gloo needs launcher.backend: horovodrun; mpirun always starts Horovod's MPI "
+                "controller, so set launcher.controller: mpi (or launcher.backend: horovodrun)")
+    return None
+
+
+def _hosts_or_hostfile(c):
+    if c["launcher"]["hosts"] is not None and c["launcher"]["hostfile"] is not None:
+        return "set launcher.hosts or launcher.hostfile, not both"
+    return None
+
+
+def _enough_slots(c):
+    hosts, num_proc = c["launcher"]["hosts"], c["launcher"]["num_proc"]
+    if hosts is None:
+        return None
+    slots = sum(n for _, n in parse_hosts(hosts))
+    if slots < num_proc:
+        return (f"slots add up to {slots} but launcher.num_proc is {num_proc}; "
+                "add hosts or slots, or lower launcher.num_proc")
+    return None
+
+
+def _resume_or_overwrite(c):
+    if c["run"]["resume"] and c["run"]["overwrite"]:
+        return "run.resume and run.overwrite are both true; pick one"
+    return None
+
+
+def _autotune_log_needs_autotune(c):
+    if c["horovod"]["autotune_log_file"] is not None and not c["horovod"]["autotune"]:
+        return "is only written with horovod.autotune: true"
+    return None
+
+
+def _stall_times_need_stall_check(c):
+    h = c["horovod"]
+    if not h["stall_check"]:
+        for name in ("stall_check_warning_time_seconds", "stall_check_shutdown_time_seconds"):
+            if h[name] is not None:
+                return f"horovod.{name} has no effect with the stall check off; drop one of the two"
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("launcher.controller", "launcher.backend"),
+         "`launcher.controller: gloo` needs `launcher.backend: horovodrun` (mpirun implies MPI).",
+         _gloo_needs_horovodrun),
+    Rule(("launcher.hostfile", "launcher.hosts"), "`launcher.hosts` and `launcher.hostfile` exclude each other.",
+         _hosts_or_hostfile),
+    Rule(("launcher.hosts", "launcher.num_proc"),
+         "Slots in `launcher.hosts` must add up to at least `launcher.num_proc`.", _enough_slots),
+    Rule(("run.overwrite", "run.resume"), "`run.resume` and `run.overwrite` exclude each other.",
+         _resume_or_overwrite),
+    Rule(("horovod.autotune_log_file", "horovod.autotune"),
+         "`horovod.autotune_log_file` needs `horovod.autotune: true`.", _autotune_log_needs_autotune),
+    Rule(("horovod.stall_check", "horovod.stall_check_warning_time_seconds",
+          "horovod.stall_check_shutdown_time_seconds"),
+         "Stall check times need `horovod.stall_check: true`.", _stall_times_need_stall_check),
+)
+
+
+# ---------------------------------------------------------------------------
+# Documentation.
+# ---------------------------------------------------------------------------
+
+
+def _yaml_literal(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return "[]" if isinstance(value, list) else "{}"
+    return show(value).strip("'")
+
+
+def render_markdown() -> str:
+    """The schema as a Markdown table (key, type, default, allowed, description),
+    followed by the rules between keys; the README's table is this output."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+    for f in FIELDS:
+        lines.append(
+            f"| `{f.key}` | {cell(f.type.name)} | `{cell(_yaml_literal(f.default))}` "
+            f"| {cell(f.type.allowed())} | {cell(f.doc)} |"
+        )
+    lines.append("")
+    lines.append("Rules between keys:")
+    lines.append("")
+    lines.extend(f"- {rule.doc}" for rule in RULES)
+    lines.append("- Checked by the launcher only, on the launching machine: `launcher.hostfile` and "
+                 "`launcher.ssh_identity_file` exist; an existing non-empty `run.dir` needs "
+                 "`run.resume` or `run.overwrite`; the launcher program is on `PATH`.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,37 @@
+"""Packaging for dist_bn: the synchronized batch-norm library and its launcher.
+
+Pins are the versions the test suite runs against. Horovod must be built from
+source against the installed TensorFlow (see scripts/bootstrap.sh), so it is
+installed before this package and only checked here.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "tensorflow-cpu==2.18.1",
+    "keras==3.8.0",
+    "horovod==0.28.1",
+    "numpy==2.0.2",
+    "mpi4py==4.1.2",
+    "pyyaml==6.0.2",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==8.3.4"],
+    # GPU machines: TensorFlow with CUDA, and Horovod rebuilt with
+    # HOROVOD_GPU_OPERATIONS=NCCL (see README, "GPU machines"). Not tested here.
+    "gpu": ["tensorflow[and-cuda]==2.18.1"],
+}
+
+setup(
+    name="dist_bn",
+    version="0.1.0",
+    description="Exact synchronized batch normalization for Keras 3 with Horovod",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires="==3.11.*",
+    packages=find_packages(include=["dist_bn", "dist_bn.*", "launch", "launch.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["dist-bn-launch = launch.cli:main"]},
+)
