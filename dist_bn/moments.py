@@ -10,7 +10,8 @@ keeps E[x^2] - E[x]^2 exact for float32 data even when |mean|/std is 1e3 or
 more.
 
 These are pure TensorFlow functions with no Horovod in them, so they can be
-tested alone; `dist_bn.ops` wires them to the collectives.
+tested alone; `dist_bn.ops` wires them to the collectives, and
+`dist_bn.kernels` applies the statistics.
 """
 import tensorflow as tf
 
@@ -79,38 +80,3 @@ def unbiased_variance(variance, count):
 def moving_average(moving, value, momentum):
     """Keras's update rule: moving * momentum + value * (1 - momentum)."""
     return moving * momentum + value * (1.0 - momentum)
-
-
-def normalize(x, mean, inv_std, gamma, beta, shape):
-    """y = (x - mean) * (gamma * inv_std) + beta, per-channel vectors reshaped to `shape`.
-
-    Subtracting the mean first keeps float32 outputs accurate when |mean| >> std
-    (the folded form x * a + b cancels catastrophically there).
-    """
-    scale = tf.reshape(gamma * inv_std, shape)
-    return (x - tf.reshape(mean, shape)) * scale + tf.reshape(beta, shape)
-
-
-def local_grad_sums(dy, x, mean, inv_std, axes, shape):
-    """Per-channel sum(dy) and sum(dy * x_hat) over `axes` (this rank's part)."""
-    centered = x - tf.reshape(mean, shape)
-    sum_dy = tf.reduce_sum(dy, axes)
-    sum_dy_xhat = tf.reduce_sum(dy * centered, axes) * inv_std
-    return sum_dy, sum_dy_xhat
-
-
-def input_grad(dy, x, mean, inv_std, gamma, count, sum_dy, sum_dy_xhat, shape):
-    """dx = gamma * r * (dy - A/N - x_hat * B/N), with A, B summed over all ranks.
-
-    This is the gradient of the sum of every rank's loss with respect to this
-    rank's x through batch statistics taken over all N values.
-    """
-    count = tf.cast(count, dy.dtype)
-    mean_dy = tf.math.divide_no_nan(sum_dy, count)
-    mean_dy_xhat = tf.math.divide_no_nan(sum_dy_xhat, count)
-    scale = gamma * inv_std
-    centered = x - tf.reshape(mean, shape)
-    return (
-        (dy - tf.reshape(mean_dy, shape)) * tf.reshape(scale, shape)
-        - centered * tf.reshape(scale * inv_std * mean_dy_xhat, shape)
-    )

@@ -9,6 +9,7 @@ gradients (autodiff through the forward collective would add more).
 import tensorflow as tf
 
 from dist_bn import collectives
+from dist_bn import kernels
 from dist_bn import moments
 
 
@@ -78,30 +79,35 @@ def sync_batch_normalization(
     this rank's share (sum them over ranks, as a gradient all-reduce does).
     """
     # Own copies in the current graph: inside a tf.cond branch the gradient
-    # closures below must not capture tensors of the enclosing graph.
+    # closure below must not capture tensors of the enclosing graph.
     x, gamma, beta = tf.identity(x), tf.identity(gamma), tf.identity(beta)
-    ndim = x.shape.rank
-    axes = moments.reduction_axes(ndim, axis)
-    shape = moments.broadcast_shape(ndim, axis)
+    axes = moments.reduction_axes(x.shape.rank, axis)
     count, mean64, var64 = global_moments(tf.stop_gradient(x), axes, name, process_set)
-    mean = tf.cast(mean64, x.dtype)
-    inv_std = tf.math.rsqrt(tf.cast(var64, x.dtype) + epsilon)
+    mean, variance = tf.cast(mean64, x.dtype), tf.cast(var64, x.dtype)
 
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        y = moments.normalize(x, mean, inv_std, gamma, beta, shape)
+        y = kernels.scale_shift(x, mean, variance, gamma, beta, epsilon, axis)
 
         def grad(dy):
-            sum_dy, sum_dy_xhat = moments.local_grad_sums(dy, x, mean, inv_std, axes, shape)
+            # dx = gamma*r*(dy - A/N - x_hat*B/N), A and B summed over ranks:
+            # the fixed-statistics part, plus a per-channel affine map of x.
+            dx_fixed, sum_dy_xhat, sum_dy = kernels.grad_parts(
+                dy, x, mean, variance, gamma, epsilon, axis
+            )
             channels = sum_dy.shape[0]
             summed = collectives.allreduce_sum(
                 tf.concat([sum_dy, sum_dy_xhat], 0), f"{name}/grad", process_set
             )
-            dx = moments.input_grad(
-                dy, x, mean, inv_std, gamma, count,
-                summed[:channels], summed[channels:], shape,
+            n = tf.cast(count, x.dtype)
+            scale = gamma * tf.math.rsqrt(variance + epsilon)
+            correction = kernels.scale_shift(
+                x, mean, variance,
+                -scale * tf.math.divide_no_nan(summed[channels:], n),
+                -scale * tf.math.divide_no_nan(summed[:channels], n),
+                epsilon, axis,
             )
-            return dx, sum_dy_xhat, sum_dy
+            return dx_fixed + correction, sum_dy_xhat, sum_dy
 
         return y, grad
 

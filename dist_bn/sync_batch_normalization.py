@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_bn import collectives
+from dist_bn import kernels
 from dist_bn import moments
 from dist_bn import ops
 
@@ -132,15 +133,14 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
     def _infer(self, x):
         """Normalize with the moving statistics: no collective, no update."""
-        ndim = x.shape.rank
-        inv_std = tf.math.rsqrt(tf.cast(self.moving_variance, x.dtype) + self.epsilon)
-        return moments.normalize(
+        return kernels.scale_shift(
             x,
             tf.cast(self.moving_mean, x.dtype),
-            inv_std,
+            tf.cast(self.moving_variance, x.dtype),
             self._gamma(x.dtype),
             self._beta(x.dtype),
-            moments.broadcast_shape(ndim, self.axis),
+            self.epsilon,
+            self.axis,
         )
 
     def _train(self, x):
