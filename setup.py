@@ -15,8 +15,17 @@ INSTALL_REQUIRES = [
     "pyyaml==6.0.2",
 ]
 
+# Installed with `pip install --no-deps` (scripts/bootstrap.sh): tf-keras gives
+# dist-bn-bench Horovod's own layer (Keras 2), but it requires `tensorflow`,
+# which pip would install beside tensorflow-cpu in the same directory.
+NO_DEPS_REQUIRES = [
+    "tf-keras==2.18.0",
+]
+
 EXTRAS_REQUIRE = {
     "test": ["pytest==8.3.4"],
+    # The plot of scripts/bn_experiment.py.
+    "bench": ["matplotlib==3.11.2"],
     # GPU machines: TensorFlow with CUDA, and Horovod rebuilt with
     # HOROVOD_GPU_OPERATIONS=NCCL (see README, "GPU machines"). Not tested here.
     "gpu": ["tensorflow[and-cuda]==2.18.1"],
@@ -33,5 +42,10 @@ setup(
     packages=find_packages(include=["dist_bn", "dist_bn.*", "launch", "launch.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["dist-bn-launch = launch.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "dist-bn-launch = launch.cli:main",
+            "dist-bn-bench = dist_bn.bench:main",
+        ]
+    },
 )

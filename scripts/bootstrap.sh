@@ -52,7 +52,8 @@ if ! "$VENV/bin/python" -c 'import horovod.tensorflow' 2>/dev/null; then
 fi
 
 log "installing dist_bn (editable)"
-"${pip[@]}" install -e ".[test]"
+"${pip[@]}" install -e ".[test,bench]"
+"${pip[@]}" install --no-deps "$(pin tf-keras)"
 
 check=$("$VENV/bin/horovodrun" --check-build)
 for need in "\[X\] TensorFlow" "\[X\] MPI" "\[X\] Gloo"; do

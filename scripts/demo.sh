@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The main job, from a fresh machine: installs what is missing
-# (scripts/bootstrap.sh), then shows a 2-process run of SyncBatchNormalization.
+# (scripts/bootstrap.sh), then trains the 3D-conv video classifier with
+# synchronized batch norm on 2 processes (configs/demo.yaml, a few minutes on
+# 2 CPU cores) into a new run directory runs/demo-<time>. Extra arguments are
+# config overrides, e.g. train.epochs=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-export TF_CPP_MIN_LOG_LEVEL=2
-root=(); [[ $(id -u) == 0 ]] && root=(--allow-run-as-root)
-exec mpirun "${root[@]}" -np 2 -H localhost:2 -bind-to none -map-by slot \
-    .venv/bin/python examples/global_vs_local_statistics.py
+exec .venv/bin/dist-bn-launch configs/demo.yaml "run.dir=runs/demo-$(date +%Y%m%d-%H%M%S)" "$@"

@@ -1,0 +1,108 @@
+"""What a run shows and leaves behind, written by rank 0 only.
+
+  screen (stdout)            progress lines and an end-of-epoch summary
+  run.dir/train.log          the same lines, so they survive the terminal
+  run.dir/tensorboard/       scalars for TensorBoard, when run.tensorboard
+  run.dir/metrics.json       final metrics and per-epoch history, rewritten
+                             after every epoch ("complete": false until the end)
+
+Every rank builds a Reporter; on the others every method does nothing, so the
+training loop calls them unconditionally. Numbers passed in are already
+global (summed over ranks by the caller).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import tensorflow as tf
+
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train.log"
+TENSORBOARD_DIR = "tensorboard"
+PREFIX = "[dist_bn]"
+
+
+def progress_line(epoch: int, epochs: int, step: int, steps: int, loss: float, accuracy: float,
+                  lr: float, clips_per_s: float) -> str:
+    """One progress line: where we are, the metrics since the last line, speed."""
+    width = len(str(steps))
+    return (f"epoch {epoch}/{epochs}  step {step:>{width}}/{steps}  loss {loss:.4f}  acc {accuracy:.3f}"
+            f"  lr {lr:.5f}  {clips_per_s:.1f} clips/s")
+
+
+def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
+    """The end-of-epoch summary from a history record."""
+    return (f"epoch {record['epoch']}/{epochs} done in {record['epoch_time_s']:.1f}s: "
+            f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f} | "
+            f"eval loss {record['eval_loss']:.4f} acc {record['eval_accuracy']:.3f} "
+            f"({record['eval_clips']} clips) | {record['clips_per_s']:.1f} clips/s")
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_history(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict]:
+    """The per-epoch records of an earlier session of this run, epochs <= up_to_epoch."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        history = json.loads(path.read_text(encoding="utf-8")).get("history", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in history if isinstance(r, dict) and r.get("epoch", up_to_epoch + 1) <= up_to_epoch]
+
+
+class Reporter:
+    """Screen, log file, TensorBoard and metrics.json output of rank 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, active: bool, tensorboard: bool):
+        self.run_dir = Path(run_dir)
+        self.active = active
+        self._log = None
+        self._writer = None
+        if not active:
+            return
+        self._log = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
+        if tensorboard:
+            self._writer = tf.summary.create_file_writer(str(self.run_dir / TENSORBOARD_DIR))
+
+    def say(self, text: str) -> None:
+        """Print a line to the screen and append it, time-stamped, to train.log."""
+        if not self.active:
+            return
+        print(f"{PREFIX} {text}", flush=True)
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self._log.flush()
+
+    def warn(self, text: str) -> None:
+        if self.active:
+            print(f"{PREFIX} warning: {text}", file=sys.stderr, flush=True)
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {text}\n")
+            self._log.flush()
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """TensorBoard scalars (no-op without run.tensorboard)."""
+        if self._writer is None:
+            return
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+        self._writer.flush()
+
+    def metrics(self, data: Mapping[str, Any]) -> None:
+        if self.active:
+            write_json(self.run_dir / METRICS_FILE, data)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._log is not None:
+            self._log.close()
