@@ -58,14 +58,16 @@ def test_same_as_keras_batch_normalization(name, center, scale):
     np.testing.assert_allclose(sync_bn(x, training=False), keras_bn(x, training=False), atol=1e-6)
 
 
-def test_mixed_float16_keeps_input_dtype_and_matches_keras():
+@pytest.mark.parametrize("policy,dtype,atol", [("mixed_float16", tf.float16, 2e-3),
+                                               ("mixed_bfloat16", tf.bfloat16, 2e-2)])
+def test_mixed_precision_keeps_input_dtype_and_matches_keras(policy, dtype, atol):
     shape = (2, 3, 4, 5, 6)
-    keras_bn, sync_bn = paired_layers(shape, -1, dtype="mixed_float16")
-    x = tf.constant(np.random.RandomState(2).randn(*shape), tf.float16)
+    keras_bn, sync_bn = paired_layers(shape, -1, dtype=policy)
+    x = tf.constant(np.random.RandomState(2).randn(*shape), dtype)
     y_sync, y_keras = sync_bn(x, training=True), keras_bn(x, training=True)
-    assert y_sync.dtype == tf.float16
+    assert y_sync.dtype == dtype
     assert sync_bn.moving_mean.dtype == "float32"
-    np.testing.assert_allclose(y_sync.numpy().astype(np.float32), y_keras.numpy().astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(tf.cast(y_sync, tf.float32), tf.cast(y_keras, tf.float32), atol=atol)
     np.testing.assert_allclose(sync_bn.moving_variance.numpy(), keras_bn.moving_variance.numpy(), atol=1e-6)
 
 

@@ -1,0 +1,38 @@
+"""dist-bn-bench runs end to end under mpirun and reports every section.
+
+Only that it runs and what it reports are tested here; its numbers are
+measurements, read by people, never asserted.
+"""
+import json
+import os
+import sys
+
+from mpirun_helpers import mpirun_argv, run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_reports_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_ranks(mpirun_argv(2, "-m", "dist_bn.bench", "--steps", "2", "--warmup", "1",
+                                   "--shapes", "1x2x8x8x8", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+                                   "--json", str(out), "data.frames=4", "data.height=16", "data.width=16",
+                                   "model.width=4", "model.depth=2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and report["controller"] == "mpi"
+    variants = {row["variant"] for row in report["layer"]}
+    assert variants == {"tf fused kernel (local)", "keras BatchNormalization (local)",
+                        "dist_bn SyncBatchNormalization", "horovod SyncBatchNormalization"}
+    assert all(row["ms"] > 0 for row in report["layer"] if "ms" in row)
+    assert report["collective"][0]["mpi4py_Allreduce_ms"] > 0
+    assert report["model"]["sync_ms"] > 0 and report["memory"]["sync_peak_bytes"] > 0
+    assert "sync/local" in result.stdout
+
+
+def test_bench_refuses_to_overwrite_results(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("{}")
+    result = run_ranks([sys.executable, "-m", "dist_bn.bench", "--json", str(out)])
+    assert result.returncode != 0 and "exists" in result.stderr
+    assert out.read_text() == "{}"
