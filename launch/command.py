@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 from launch.config import Config, ConfigError, format_override
 
 WORKER_MODULE = "dist_bn.training"
+VERIFY_MODULE = "dist_bn.verify"
 
 # Variables every rank needs from the launching shell; mpirun forwards only
 # what it is told to (horovodrun forwards the whole environment itself).
@@ -84,6 +85,33 @@ class Launch:
         lines = [f"export {name}={shlex.quote(value)}" for name, value in self.env.items()]
         lines.append(shlex.join(self.argv))
         return "\n".join(lines)
+
+
+def horovod_environment(config: Config) -> dict[str, str]:
+    """The HOROVOD_* variables of the knobs that are set: what ranks started
+    without horovodrun (mpirun, srun) need in their environment."""
+    return {knob.env: ("1" if knob.switch_when is not None else knob.to_env(knob.value(config)))
+            for knob in KNOBS if knob.active(config)}
+
+
+def rank_environment(config: Config) -> dict[str, str]:
+    """Everything a rank started by a plain process launcher (srun) needs on top
+    of the launching shell's environment: the Horovod knobs, launcher.env, and
+    launcher.network_interfaces as NCCL_SOCKET_IFNAME and Open MPI's TCP
+    interface list."""
+    env = horovod_environment(config)
+    env.update(_user_env(config))
+    nics = config["launcher"]["network_interfaces"]
+    if nics:
+        env["NCCL_SOCKET_IFNAME"] = ",".join(nics)
+        env["OMPI_MCA_btl_tcp_if_include"] = ",".join(nics)
+    return env
+
+
+def verify_argv(config: Config, verify_args: Sequence[str] = ()) -> list[str]:
+    """The command every rank runs for `dist-bn-launch verify`: dist-bn-verify."""
+    python = config["launcher"]["python"] or sys.executable
+    return [python, "-m", VERIFY_MODULE, *verify_args]
 
 
 def worker_argv(config: Config, config_path: str, overrides: Sequence[str]) -> list[str]:
@@ -155,8 +183,7 @@ def _mpirun(config: Config, program: str, worker: list[str], environ: Mapping[st
     if ssh:
         argv += ["-mca", "plm_rsh_args", " ".join(ssh)]
 
-    env = {knob.env: ("1" if knob.switch_when is not None else knob.to_env(knob.value(config)))
-           for knob in KNOBS if knob.active(config)}
+    env = horovod_environment(config)
     env.update(_user_env(config))
     forwarded = [name for name in MPIRUN_FORWARDED if name in environ and name not in env]
     forwarded += list(env)
@@ -167,12 +194,13 @@ def _mpirun(config: Config, program: str, worker: list[str], environ: Mapping[st
 
 
 def build_launch(config: Config, config_path: str, overrides: Sequence[str], program: str | None = None,
-                 environ: Mapping[str, str] | None = None) -> Launch:
+                 environ: Mapping[str, str] | None = None, worker: Sequence[str] | None = None) -> Launch:
     """The Launch for `config` (already through `preflight`, so local paths are
     absolute). `program` is the launcher executable (default: the backend's
-    name); `environ` is the launching environment (default: os.environ)."""
+    name); `environ` is the launching environment (default: os.environ);
+    `worker` is what every rank runs (default: the training job)."""
     backend = config["launcher"]["backend"]
-    worker = worker_argv(config, config_path, overrides)
+    worker = list(worker) if worker is not None else worker_argv(config, config_path, overrides)
     if backend == "horovodrun":
         return _horovodrun(config, program or backend, worker)
     return _mpirun(config, program or backend, worker, os.environ if environ is None else environ)

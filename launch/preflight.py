@@ -97,9 +97,11 @@ def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
             "or set run.resume=true to continue it, or run.overwrite=true to replace it")
 
 
-def preflight(config: Config, cwd: str | os.PathLike | None = None) -> Config:
+def preflight(config: Config, cwd: str | os.PathLike | None = None, run_dir: bool = True) -> Config:
     """Run every launching-machine check; return a copy of `config` whose local
-    paths (run.dir, launcher.hostfile, launcher.ssh_identity_file) are absolute."""
+    paths (run.dir, launcher.hostfile, launcher.ssh_identity_file) are absolute.
+    With run_dir=False (jobs that write no run directory, such as
+    dist-bn-verify) an existing run.dir is not checked."""
     config = copy.deepcopy(config)
     launcher, run = config["launcher"], config["run"]
 
@@ -117,5 +119,6 @@ def preflight(config: Config, cwd: str | os.PathLike | None = None) -> Config:
                 f"launcher.num_proc is {launcher['num_proc']}; add hosts or slots, or lower launcher.num_proc")
 
     run["dir"] = absolute(run["dir"], cwd)
-    check_run_dir(run["dir"], run["resume"], run["overwrite"])
+    if run_dir:
+        check_run_dir(run["dir"], run["resume"], run["overwrite"])
     return config

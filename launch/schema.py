@@ -2,8 +2,8 @@
 
 The launcher and the training job read the same YAML file, so both halves live
 here (sections model, data, train, run for the job; launcher, horovod for the
-launcher) and an unknown or mistyped key anywhere is caught before any process
-starts. Keys are plain data (`Field` rows in `FIELDS`, cross-key `Rule` rows in
+launcher; cluster, slurm, k8s for the scheduler files `--emit` writes) and an
+unknown or mistyped key anywhere is caught before any process starts. Keys are plain data (`Field` rows in `FIELDS`, cross-key `Rule` rows in
 `RULES`); `launch.config` applies them and `render_markdown` documents them.
 """
 from __future__ import annotations
@@ -282,6 +282,28 @@ class Hosts(ValueType):
         return ",".join(f"{name}:{slots}" for name, slots in parse_hosts(value))
 
 
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Label(ValueType):
+    """A Kubernetes name (DNS-1123 label): lowercase letters, digits and '-',
+    starting and ending with a letter or digit, at most `max_length` long."""
+
+    max_length: int = 63
+    name = "name"
+
+    def allowed(self) -> str:
+        return f"a-z, 0-9, '-'; <= {self.max_length} chars"
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str) or not _LABEL.fullmatch(value) or len(value) > self.max_length:
+            raise ValueProblem(
+                f"must be lowercase letters, digits and '-', starting and ending with a letter or digit, "
+                f"at most {self.max_length} characters, got {show(value)}")
+        return value
+
+
 # ---------------------------------------------------------------------------
 # The schema proper.
 # ---------------------------------------------------------------------------
@@ -322,6 +344,9 @@ SECTIONS: dict[str, str] = {
     "run": "where results go and what to do with an existing run",
     "launcher": "how processes are started (horovodrun or mpirun)",
     "horovod": "Horovod tuning knobs; null = Horovod's own default",
+    "cluster": "the job's shape on a scheduler, for --emit slurm and --emit k8s-mpijob",
+    "slurm": "the Slurm batch script (--emit slurm)",
+    "k8s": "the Kubeflow MPIJob manifest (--emit k8s-mpijob)",
 }
 
 FIELDS: tuple[Field, ...] = (
@@ -391,6 +416,44 @@ FIELDS: tuple[Field, ...] = (
           "Seconds before a stall warning (--stall-check-warning-time-seconds; Horovod: 60)."),
     Field("horovod.stall_check_shutdown_time_seconds", Int(min=0), None,
           "Seconds before a stalled job shuts down, 0 = never (--stall-check-shutdown-time-seconds)."),
+    # cluster
+    Field("cluster.nodes", Int(min=1), None,
+          "Nodes (Slurm --nodes, MPIJob Worker replicas); null = the hosts in launcher.hosts, else 1."),
+    Field("cluster.ranks_per_node", Int(min=1), None,
+          "Ranks per node (Slurm --ntasks-per-node, MPIJob slotsPerWorker); null = launcher.num_proc / nodes."),
+    Field("cluster.gpus_per_node", Int(min=0), 0,
+          "GPUs per node (Slurm --gpus-per-node, MPIJob nvidia.com/gpu per worker); 0 = a CPU job."),
+    Field("cluster.cpus_per_rank", Int(min=1), None,
+          "CPU cores per rank (Slurm --cpus-per-task; MPIJob: times ranks_per_node per worker); null = default."),
+    Field("cluster.memory_gb", Int(min=1), None,
+          "Memory per node in GiB (Slurm --mem; MPIJob worker request and limit); null = the default."),
+    Field("cluster.image", Text("image"), None,
+          "Container image with dist_bn installed, e.g. built from docker/Dockerfile.gpu (k8s-mpijob needs it)."),
+    Field("cluster.job_name", Label(max_length=40), "dist-bn",
+          "Job name (Slurm --job-name, MPIJob name; its pods are NAME-launcher and NAME-worker-N)."),
+    # slurm
+    Field("slurm.partition", Text(), None, "Partition (--partition); null = the cluster's default."),
+    Field("slurm.account", Text(), None, "Account charged for the job (--account)."),
+    Field("slurm.time_minutes", Int(min=1), 60, "Wall-clock limit in minutes (--time)."),
+    Field("slurm.output", Text("path"), None,
+          "Job log (--output, e.g. logs/%x-%j.out, relative to where --emit ran); null = slurm-%j.out."),
+    Field("slurm.directives", TextList(), [], "More #SBATCH options, e.g. [--qos=high, --exclusive]."),
+    Field("slurm.setup", TextList(), [],
+          "Shell lines run on the first node before the job, e.g. [module load cuda/12.5, source .venv/bin/activate]."),
+    Field("slurm.launch", Choice(("launcher", "srun")), "launcher",
+          "launcher: dist-bn-launch on the first node starts every rank over SSH (launcher.backend); "
+          "srun: srun starts them (no SSH; Horovod's MPI controller)."),
+    Field("slurm.srun_mpi", Text(), "pmix", "srun --mpi plugin when slurm.launch is srun (pmix, pmi2, ...)."),
+    # k8s
+    Field("k8s.namespace", Label(), "default", "Namespace of the MPIJob and of the ConfigMap holding the config."),
+    Field("k8s.image_pull_policy", Choice(("IfNotPresent", "Always", "Never")), "IfNotPresent",
+          "imagePullPolicy of every pod."),
+    Field("k8s.ssh_port", Int(1, 65535), 2222,
+          "Port of the workers' SSH servers (the image's SSH_PORT); launcher.ssh_port is set to it."),
+    Field("k8s.runs_volume_claim", Label(), None,
+          "PersistentVolumeClaim mounted on every pod at the parent of run.dir, so checkpoints outlive the job."),
+    Field("k8s.workdir", Text("path"), "/workspace",
+          "Working directory in the pods; a relative run.dir is under it."),
 )
 
 BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
@@ -459,6 +522,21 @@ def _stall_times_need_stall_check(c):
     return None
 
 
+def _cluster_shape_matches(c):
+    nodes, per_node = c["cluster"]["nodes"], c["cluster"]["ranks_per_node"]
+    num_proc = c["launcher"]["num_proc"]
+    if nodes is not None and per_node is not None and nodes * per_node != num_proc:
+        return (f"cluster.nodes x cluster.ranks_per_node = {nodes} x {per_node} = {nodes * per_node} "
+                f"but launcher.num_proc is {num_proc}; make them agree")
+    return None
+
+
+def _absolute_workdir(c):
+    if not c["k8s"]["workdir"].startswith("/"):
+        return f"must be an absolute path, got {c['k8s']['workdir']!r}"
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("launcher.controller", "launcher.backend"),
          "`launcher.controller: gloo` needs `launcher.backend: horovodrun` (mpirun implies MPI).",
@@ -474,6 +552,10 @@ RULES: tuple[Rule, ...] = (
     Rule(("horovod.stall_check", "horovod.stall_check_warning_time_seconds",
           "horovod.stall_check_shutdown_time_seconds"),
          "Stall check times need `horovod.stall_check: true`.", _stall_times_need_stall_check),
+    Rule(("cluster.ranks_per_node", "cluster.nodes", "launcher.num_proc"),
+         "`cluster.nodes` x `cluster.ranks_per_node` must equal `launcher.num_proc` when both are set.",
+         _cluster_shape_matches),
+    Rule(("k8s.workdir",), "`k8s.workdir` is an absolute path.", _absolute_workdir),
 )
 
 
@@ -507,4 +589,7 @@ def render_markdown() -> str:
     lines.append("- Checked by the launcher only, on the launching machine: `launcher.hostfile` and "
                  "`launcher.ssh_identity_file` exist; an existing non-empty `run.dir` needs "
                  "`run.resume` or `run.overwrite`; the launcher program is on `PATH`.")
+    lines.append("- Checked by `--emit` only: the cluster shape (`cluster.nodes` x `cluster.ranks_per_node`, "
+                 "or what `launcher.hosts` implies) equals `launcher.num_proc`; `--emit k8s-mpijob` needs "
+                 "`cluster.image`.")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import reference
+from dist_bn import reference
 from dist_bn import kernels
 
 EPS = 1e-3
@@ -31,13 +31,13 @@ def test_forward_and_backward_parts_match_reference(name):
     assert kernels.uses_fused_kernel(tf.constant(x), axis) == (axis == -1 and dtype == tf.float32)
 
     y = kernels.scale_shift(tf.constant(x), mean, var, gamma, beta, EPS, axis)
-    xhat = (x - reference._per_channel(mean, x.ndim, axis)) / np.sqrt(reference._per_channel(var, x.ndim, axis) + EPS)
-    expected_y = reference._per_channel(gamma, x.ndim, axis) * xhat + reference._per_channel(beta, x.ndim, axis)
+    xhat = (x - reference.per_channel(mean, x.ndim, axis)) / np.sqrt(reference.per_channel(var, x.ndim, axis) + EPS)
+    expected_y = reference.per_channel(gamma, x.ndim, axis) * xhat + reference.per_channel(beta, x.ndim, axis)
     np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
 
     dx_fixed, sum_dy_xhat, sum_dy = kernels.grad_parts(tf.constant(dy), tf.constant(x), mean, var, gamma, EPS, axis)
     axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
-    np.testing.assert_allclose(dx_fixed, dy * reference._per_channel(gamma / np.sqrt(var + EPS), x.ndim, axis),
+    np.testing.assert_allclose(dx_fixed, dy * reference.per_channel(gamma / np.sqrt(var + EPS), x.ndim, axis),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sum_dy, dy.astype(np.float64).sum(axes), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sum_dy_xhat, (dy * xhat).sum(axes), rtol=1e-5, atol=1e-4)

@@ -33,7 +33,7 @@ def test_empty_file_gives_every_default(tmp_path):
     config = load_config(write(tmp_path, ""))
     for field in FIELDS:
         assert config[field.section][field.name] == field.default, field.key
-    assert list(config) == ["model", "data", "train", "run", "launcher", "horovod"]
+    assert list(config) == ["model", "data", "train", "run", "launcher", "horovod", "cluster", "slurm", "k8s"]
 
 
 def test_values_are_read_and_rest_defaulted(tmp_path):
@@ -187,7 +187,7 @@ def test_duplicate_keys_are_an_error(tmp_path):
 def test_top_level_must_be_a_mapping(tmp_path, text, got):
     path = write(tmp_path, text)
     assert error_of(path) == (f"{path}: the top level must be a mapping of sections "
-                              f"(model, data, train, run, launcher, horovod), got {got}")
+                              f"(model, data, train, run, launcher, horovod, cluster, slurm, k8s), got {got}")
 
 
 def test_unknown_key_names_file_key_allowed_and_closest(tmp_path):
@@ -206,7 +206,7 @@ def test_unknown_key_without_close_match(tmp_path):
 def test_unknown_section(tmp_path):
     path = write(tmp_path, "lancher: {num_proc: 2}\n")
     assert error_of(path) == (f"{path}: lancher: unknown section (did you mean launcher?); "
-                              "allowed sections: model, data, train, run, launcher, horovod")
+                              "allowed sections: model, data, train, run, launcher, horovod, cluster, slurm, k8s")
 
 
 def test_section_must_be_a_mapping(tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import reference
+from dist_bn import reference
 from dist_bn import moments
 
 

@@ -1,40 +1,55 @@
 """Float64 NumPy batch norm on a whole (concatenated) batch: the reference.
 
-Nothing here knows about ranks or TensorFlow, so it cannot share a mistake
-with the code under test.
+Nothing here knows about ranks, Horovod or TensorFlow, so it cannot share a
+mistake with the code it checks. `dist_bn.verify` and the tests measure
+`SyncBatchNormalization` against it: every rank computes what one process
+would get on the global batch, and compares its own slice.
 """
 import numpy as np
 
 
-def _axes(ndim, axis):
+def reduction_axes(ndim, axis):
+    """Every axis but the channel axis."""
     return tuple(i for i in range(ndim) if i != axis % ndim)
 
 
-def _per_channel(v, ndim, axis):
+def per_channel(v, ndim, axis):
+    """Reshape a per-channel vector to broadcast against an `ndim` array."""
     shape = [1] * ndim
     shape[axis % ndim] = -1
     return np.reshape(v, shape)
 
 
+# The names the tests have always used.
+_axes = reduction_axes
+_per_channel = per_channel
+
+
 def moments(x, axis):
     """Count, mean and biased variance per channel, float64 two-pass."""
     x = np.asarray(x, np.float64)
-    axes = _axes(x.ndim, axis)
+    axes = reduction_axes(x.ndim, axis)
     count = int(np.prod([x.shape[a] for a in axes]))
     if count == 0:
         channels = x.shape[axis]
         return 0, np.zeros(channels), np.zeros(channels)
     mean = x.mean(axis=axes)
-    var = ((x - _per_channel(mean, x.ndim, axis)) ** 2).mean(axis=axes)
+    var = ((x - per_channel(mean, x.ndim, axis)) ** 2).mean(axis=axes)
     return count, mean, var
+
+
+def normalize(x, axis, mean, var, gamma, beta, epsilon):
+    """gamma * (x - mean) / sqrt(var + eps) + beta with the given statistics."""
+    x = np.asarray(x, np.float64)
+    n = x.ndim
+    xhat = (x - per_channel(mean, n, axis)) / np.sqrt(per_channel(var, n, axis) + epsilon)
+    return per_channel(gamma, n, axis) * xhat + per_channel(beta, n, axis)
 
 
 def forward(x, axis, gamma, beta, epsilon):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's statistics."""
-    x = np.asarray(x, np.float64)
     _, mean, var = moments(x, axis)
-    xhat = (x - _per_channel(mean, x.ndim, axis)) / np.sqrt(_per_channel(var, x.ndim, axis) + epsilon)
-    return _per_channel(gamma, x.ndim, axis) * xhat + _per_channel(beta, x.ndim, axis)
+    return normalize(x, axis, mean, var, gamma, beta, epsilon)
 
 
 def backward(x, dy, axis, gamma, epsilon):
@@ -42,15 +57,15 @@ def backward(x, dy, axis, gamma, epsilon):
     x = np.asarray(x, np.float64)
     dy = np.asarray(dy, np.float64)
     count, mean, var = moments(x, axis)
-    axes = _axes(x.ndim, axis)
+    axes = reduction_axes(x.ndim, axis)
     inv_std = 1.0 / np.sqrt(var + epsilon)
-    xhat = (x - _per_channel(mean, x.ndim, axis)) * _per_channel(inv_std, x.ndim, axis)
+    xhat = (x - per_channel(mean, x.ndim, axis)) * per_channel(inv_std, x.ndim, axis)
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * xhat).sum(axis=axes)
     if count == 0:
         return np.zeros_like(x), dgamma, dbeta
-    dx = _per_channel(gamma * inv_std / count, x.ndim, axis) * (
-        count * dy - _per_channel(dbeta, x.ndim, axis) - xhat * _per_channel(dgamma, x.ndim, axis)
+    dx = per_channel(gamma * inv_std / count, x.ndim, axis) * (
+        count * dy - per_channel(dbeta, x.ndim, axis) - xhat * per_channel(dgamma, x.ndim, axis)
     )
     return dx, dgamma, dbeta
 
