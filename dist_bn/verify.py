@@ -145,6 +145,18 @@ def scaled_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(1.0, np.max(np.abs(expected))))
 
 
+TRAINING_METRICS = ("y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance")
+
+
+def training_errors(ours, theirs, lo, hi):
+    """scaled_error per TRAINING_METRICS; y and dx of `theirs` cover the whole
+    global batch, of which this rank holds rows lo:hi."""
+    errors = {}
+    for metric, actual, expected in zip(TRAINING_METRICS, ours, theirs):
+        errors[metric] = scaled_error(actual, expected[lo:hi] if metric in ("y", "dx") else expected)
+    return errors
+
+
 # Worst error allowed per metric, relative to the largest reference value.
 FLOAT32 = dict(mean=1e-6, variance=1e-6, y=1e-5, dx=1e-5, dgamma=1e-5, dbeta=1e-5,
                moving_mean=1e-6, moving_variance=1e-6, inference_y=1e-5)
@@ -400,6 +412,7 @@ def run_case(case: Case, group: Group, compare_keras: bool = False, steps: int =
     dgamma = hvd.allreduce(dgamma, op=hvd.Sum, process_set=group.horovod_set, name=f"{tag}/dgamma").numpy()
     dbeta = hvd.allreduce(dbeta, op=hvd.Sum, process_set=group.horovod_set, name=f"{tag}/dbeta").numpy()
     moving = [sync.moving_mean.numpy(), sync.moving_variance.numpy()]
+    ours = (y, dx, dgamma, dbeta, *moving)
 
     ref_y = reference.forward(batches[0], case.axis, gamma, beta, EPSILON)
     ref_dx, ref_dgamma, ref_dbeta = reference.backward(batches[0], dy, case.axis, gamma, EPSILON)
@@ -428,12 +441,7 @@ def run_case(case: Case, group: Group, compare_keras: bool = False, steps: int =
         },
         "count_exact": int(stat_count) == ref_count,
         "vs_numpy": {
-            "y": scaled_error(y, ref_y[lo:hi]),
-            "dx": scaled_error(dx, ref_dx[lo:hi]),
-            "dgamma": scaled_error(dgamma, ref_dgamma),
-            "dbeta": scaled_error(dbeta, ref_dbeta),
-            "moving_mean": scaled_error(moving[0], ref_moving[0]),
-            "moving_variance": scaled_error(moving[1], ref_moving[1]),
+            **training_errors(ours, (ref_y, ref_dx, ref_dgamma, ref_dbeta, *ref_moving), lo, hi),
             "inference_y": scaled_error(y_inf, ref_inf),
         },
         "moving_bitwise_equal_across_ranks": bool(bitwise_equal),
@@ -443,14 +451,7 @@ def run_case(case: Case, group: Group, compare_keras: bool = False, steps: int =
         keras_bn = make_layer(keras.layers.BatchNormalization, case, f"keras_{layer_tag}")
         k_y, k_dx, k_dgamma, k_dbeta = train_steps(keras_bn, batches, dy, False, dtype)
         k_moving = [keras_bn.moving_mean.numpy(), keras_bn.moving_variance.numpy()]
-        result["vs_keras"] = {
-            "y": scaled_error(y, k_y[lo:hi]),
-            "dx": scaled_error(dx, k_dx[lo:hi]),
-            "dgamma": scaled_error(dgamma, k_dgamma),
-            "dbeta": scaled_error(dbeta, k_dbeta),
-            "moving_mean": scaled_error(moving[0], k_moving[0]),
-            "moving_variance": scaled_error(moving[1], k_moving[1]),
-        }
+        result["vs_keras"] = training_errors(ours, (k_y, k_dx, k_dgamma, k_dbeta, *k_moving), lo, hi)
     return result
 
 

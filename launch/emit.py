@@ -139,20 +139,17 @@ def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job
         f"--nodes={nodes}",
         f"--ntasks-per-node={per_node}",
     ]
-    if cluster["gpus_per_node"]:
-        directives.append(f"--gpus-per-node={cluster['gpus_per_node']}")
-    if cluster["cpus_per_rank"] is not None:
-        directives.append(f"--cpus-per-task={cluster['cpus_per_rank']}")
-    if cluster["memory_gb"] is not None:
-        directives.append(f"--mem={cluster['memory_gb']}G")
-    directives.append(f"--time={slurm_time(slurm['time_minutes'])}")
-    if slurm["partition"] is not None:
-        directives.append(f"--partition={slurm['partition']}")
-    if slurm["account"] is not None:
-        directives.append(f"--account={slurm['account']}")
-    if slurm["output"] is not None:
-        directives.append(f"--output={slurm['output']}")
-    directives.append(f"--chdir={cwd}")
+    optional = [
+        ("--gpus-per-node={}", cluster["gpus_per_node"] or None),
+        ("--cpus-per-task={}", cluster["cpus_per_rank"]),
+        ("--mem={}G", cluster["memory_gb"]),
+        ("--time={}", slurm_time(slurm["time_minutes"])),
+        ("--partition={}", slurm["partition"]),
+        ("--account={}", slurm["account"]),
+        ("--output={}", slurm["output"]),
+        ("--chdir={}", cwd),
+    ]
+    directives += [form.format(value) for form, value in optional if value is not None]
     directives.extend(slurm["directives"])
     for directive in directives:
         if "\n" in directive or not directive.startswith("-"):
