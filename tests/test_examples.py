@@ -1,0 +1,19 @@
+"""examples/ run as documented and show what they claim."""
+import os
+import re
+
+from mpirun_helpers import mpirun_argv, run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_global_vs_local_statistics_example():
+    result = run_ranks(mpirun_argv(2, os.path.join(ROOT, "examples", "global_vs_local_statistics.py")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for rank in range(2):
+        block = lines[lines.index(next(l for l in lines if l.startswith(f"rank {rank}/2"))):][:4]
+        sync = re.search(r"sync\s+BN mean (.*)", block[2]).group(1)
+        truth = re.search(r"global truth\s+(.*)", block[3]).group(1)
+        local = re.search(r"local\s+BN mean (.*)", block[1]).group(1)
+        assert sync == truth and local != truth
