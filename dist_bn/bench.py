@@ -74,8 +74,9 @@ def main(argv=None):
     import horovod.tensorflow as hvd
 
     from dist_bn import benchmarks
+    from dist_bn.training import distributed
 
-    hvd.init()
+    distributed.init()  # Horovod, and GPU local_rank pinned where there are GPUs
     results = benchmarks.run(args)
     if hvd.rank() == 0:
         print(benchmarks.render(results))

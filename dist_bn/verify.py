@@ -290,16 +290,15 @@ def init(layouts: Sequence[str] = ("all",), device: str = "auto") -> dict[str, G
     warning = gloo_loopback_warning()
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
-    gpus = tf.config.list_physical_devices("GPU")
+    from dist_bn.training.distributed import pin_local_gpu
+
     if device == "cpu":
         tf.config.set_visible_devices([], "GPU")
     hvd.init()
-    if device != "cpu" and gpus:
-        gpu = gpus[hvd.local_rank() % len(gpus)]
-        tf.config.set_visible_devices(gpu, "GPU")
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if device == "gpu" and not gpus:
-        raise UsageError("--device gpu: TensorFlow sees no GPU on this rank")
+    if device != "cpu":
+        pinned = pin_local_gpu()
+        if pinned is None and device == "gpu":
+            raise UsageError("--device gpu: TensorFlow sees no GPU on this rank")
 
     layout = hvd.allgather_object((hvd.rank(), hvd.local_rank(), hvd.local_size()), name="verify/layout")
     world = tuple(range(hvd.size()))

@@ -29,18 +29,24 @@ class World:
         return self.rank == 0
 
 
-def init() -> World:
-    """Start Horovod and pin this rank to GPU local_rank when there are GPUs.
-
-    Must run before TensorFlow touches a device (memory growth and visible
-    devices cannot change afterwards).
-    """
-    hvd.init()
+def pin_local_gpu() -> Any | None:
+    """Make GPU local_rank the only GPU this rank sees (memory growth on), as
+    Horovod's docs do; returns it, or None without GPUs. Call after hvd.init()
+    and before TensorFlow touches a device (visible devices and memory growth
+    cannot change afterwards)."""
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        gpu = gpus[hvd.local_rank() % len(gpus)]
-        tf.config.set_visible_devices(gpu, "GPU")
-        tf.config.experimental.set_memory_growth(gpu, True)
+    if not gpus:
+        return None
+    gpu = gpus[hvd.local_rank() % len(gpus)]
+    tf.config.set_visible_devices(gpu, "GPU")
+    tf.config.experimental.set_memory_growth(gpu, True)
+    return gpu
+
+
+def init() -> World:
+    """Start Horovod and pin this rank to GPU local_rank when there are GPUs."""
+    hvd.init()
+    pin_local_gpu()
     return World(hvd.rank(), hvd.size(), hvd.local_rank())
 
 
