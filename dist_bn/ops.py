@@ -13,15 +13,16 @@ from dist_bn import kernels
 from dist_bn import moments
 
 
-def global_moments(x, axes, name, process_set):
+def global_moments(x, axes, name, process_set, weights=None):
     """(count, mean, variance) over all ranks' `x`, float64, not differentiable.
 
-    One all-reduce of 2C+1 float64 values named `name/moments`.
+    One all-reduce of 2C+1 float64 values (3C with per-channel mask counts)
+    named `name/moments`. `weights` are 0/1 mask weights (moments.mask_weights).
     """
-    count, mean, m2 = moments.local_moments(x, axes)
+    count, mean, m2 = moments.local_moments(x, axes, weights)
     packed = moments.pack_moments(count, mean, m2)
     summed = collectives.allreduce_sum(packed, f"{name}/moments", process_set)
-    return moments.unpack_moments(summed)
+    return moments.unpack_moments(summed, mean.shape[0])
 
 
 def sync_moments(x, axes, keepdims=False, process_set=None, name="sync_moments"):
@@ -69,7 +70,8 @@ def sync_moments(x, axes, keepdims=False, process_set=None, name="sync_moments")
 
 
 def sync_batch_normalization(
-    x, gamma, beta, axis, epsilon, process_set=None, name="sync_batch_normalization"
+    x, gamma, beta, axis, epsilon, process_set=None, name="sync_batch_normalization",
+    weights=None,
 ):
     """Training-mode batch norm of `x` with statistics over every rank.
 
@@ -77,17 +79,27 @@ def sync_batch_normalization(
     mean, biased variance and count for the moving averages (not
     differentiable). Gradients flow to x, gamma and beta; gamma's and beta's are
     this rank's share (sum them over ranks, as a gradient all-reduce does).
+    With mask `weights` (0/1, moments.mask_weights) the statistics cover the
+    unmasked values only, and only those receive the statistics' gradient;
+    every value is normalized, as in Keras.
     """
     # Own copies in the current graph: inside a tf.cond branch the gradient
     # closure below must not capture tensors of the enclosing graph.
     x, gamma, beta = tf.identity(x), tf.identity(gamma), tf.identity(beta)
+    if weights is not None:
+        weights = tf.identity(weights)
     axes = moments.reduction_axes(x.shape.rank, axis)
-    count, mean64, var64 = global_moments(tf.stop_gradient(x), axes, name, process_set)
+    count, mean64, var64 = global_moments(tf.stop_gradient(x), axes, name, process_set, weights)
     mean, variance = tf.cast(mean64, x.dtype), tf.cast(var64, x.dtype)
+    inv_std = tf.math.rsqrt(variance + epsilon)
+    # What rounding the mean to x's dtype dropped, in units of std: with it,
+    # x_hat = (x - mean) * inv_std - shift_lo is as exact as float32 allows
+    # even where |mean| >> std (the kernels subtract the rounded mean exactly).
+    shift_lo = tf.cast(mean64 - tf.cast(mean, tf.float64), x.dtype) * inv_std
 
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        y = kernels.scale_shift(x, mean, variance, gamma, beta, epsilon, axis)
+        y = kernels.scale_shift(x, mean, variance, gamma, beta - gamma * shift_lo, epsilon, axis)
 
         def grad(dy):
             # dx = gamma*r*(dy - A/N - x_hat*B/N), A and B summed over ranks:
@@ -95,18 +107,20 @@ def sync_batch_normalization(
             dx_fixed, sum_dy_xhat, sum_dy = kernels.grad_parts(
                 dy, x, mean, variance, gamma, epsilon, axis
             )
+            sum_dy_xhat = sum_dy_xhat - shift_lo * sum_dy
             channels = sum_dy.shape[0]
             summed = collectives.allreduce_sum(
                 tf.concat([sum_dy, sum_dy_xhat], 0), f"{name}/grad", process_set
             )
             n = tf.cast(count, x.dtype)
-            scale = gamma * tf.math.rsqrt(variance + epsilon)
+            scale = gamma * inv_std
+            per_xhat = -scale * tf.math.divide_no_nan(summed[channels:], n)
+            per_value = -scale * tf.math.divide_no_nan(summed[:channels], n)
             correction = kernels.scale_shift(
-                x, mean, variance,
-                -scale * tf.math.divide_no_nan(summed[channels:], n),
-                -scale * tf.math.divide_no_nan(summed[:channels], n),
-                epsilon, axis,
+                x, mean, variance, per_xhat, per_value - per_xhat * shift_lo, epsilon, axis
             )
+            if weights is not None:
+                correction = weights * correction
             return dx_fixed + correction, sum_dy_xhat, sum_dy
 
         return y, grad

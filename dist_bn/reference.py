@@ -25,16 +25,27 @@ _axes = reduction_axes
 _per_channel = per_channel
 
 
-def moments(x, axis):
-    """Count, mean and biased variance per channel, float64 two-pass."""
+def mask_weights(mask, x):
+    """0/1 float64 weights broadcast to x from a Keras mask (one axis fewer, expanded last)."""
+    if mask is None:
+        return np.ones(np.shape(x))
+    return np.broadcast_to(np.asarray(mask, bool)[..., np.newaxis], np.shape(x)).astype(np.float64)
+
+
+def moments(x, axis, mask=None):
+    """Count, mean and biased variance per channel, float64 two-pass.
+
+    With a mask, over the unmasked values only; count is then per channel.
+    A channel with no values has mean 0 and variance 0.
+    """
     x = np.asarray(x, np.float64)
     axes = reduction_axes(x.ndim, axis)
-    count = int(np.prod([x.shape[a] for a in axes]))
-    if count == 0:
-        channels = x.shape[axis]
-        return 0, np.zeros(channels), np.zeros(channels)
-    mean = x.mean(axis=axes)
-    var = ((x - per_channel(mean, x.ndim, axis)) ** 2).mean(axis=axes)
+    w = mask_weights(mask, x)
+    counts = w.sum(axis=axes)
+    safe = np.maximum(counts, 1)
+    mean = (w * x).sum(axis=axes) / safe
+    var = (w * (x - per_channel(mean, x.ndim, axis)) ** 2).sum(axis=axes) / safe
+    count = int(np.prod([x.shape[a] for a in axes])) if mask is None else counts
     return count, mean, var
 
 
@@ -46,27 +57,35 @@ def normalize(x, axis, mean, var, gamma, beta, epsilon):
     return per_channel(gamma, n, axis) * xhat + per_channel(beta, n, axis)
 
 
-def forward(x, axis, gamma, beta, epsilon):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's statistics."""
-    _, mean, var = moments(x, axis)
+def forward(x, axis, gamma, beta, epsilon, mask=None):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's statistics.
+
+    With a mask the statistics cover the unmasked values, and every value is
+    normalized (Keras's definition).
+    """
+    _, mean, var = moments(x, axis, mask)
     return normalize(x, axis, mean, var, gamma, beta, epsilon)
 
 
-def backward(x, dy, axis, gamma, epsilon):
-    """(dx, dgamma, dbeta) of sum(dy * forward(x)) through the batch statistics."""
+def backward(x, dy, axis, gamma, epsilon, mask=None):
+    """(dx, dgamma, dbeta) of sum(dy * forward(x, mask)) through the batch statistics.
+
+    The statistics' part of dx reaches unmasked values only.
+    """
     x = np.asarray(x, np.float64)
     dy = np.asarray(dy, np.float64)
-    count, mean, var = moments(x, axis)
+    _, mean, var = moments(x, axis, mask)
+    w = mask_weights(mask, x)
     axes = reduction_axes(x.ndim, axis)
+    counts = w.sum(axis=axes)
     inv_std = 1.0 / np.sqrt(var + epsilon)
     xhat = (x - per_channel(mean, x.ndim, axis)) * per_channel(inv_std, x.ndim, axis)
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * xhat).sum(axis=axes)
-    if count == 0:
-        return np.zeros_like(x), dgamma, dbeta
-    dx = per_channel(gamma * inv_std / count, x.ndim, axis) * (
-        count * dy - per_channel(dbeta, x.ndim, axis) - xhat * per_channel(dgamma, x.ndim, axis)
-    )
+    scale = per_channel(gamma * inv_std, x.ndim, axis)
+    per_value = per_channel(np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0), x.ndim, axis)
+    dx = scale * (dy - w * per_value * (per_channel(dbeta, x.ndim, axis)
+                                        + xhat * per_channel(dgamma, x.ndim, axis)))
     return dx, dgamma, dbeta
 
 

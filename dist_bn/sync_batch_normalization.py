@@ -107,29 +107,63 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                 "number of channels or declare it in keras.Input(shape=...)."
             )
         super().build(input_shape)
+        # The channel count is checked in call(), where an empty batch with a
+        # wrong one (see _with_layer_channels) can be let through.
+        self.input_spec = keras.InputSpec(ndim=ndim)
 
     def call(self, inputs, training=None, mask=None):
-        if mask is not None:
-            raise NotImplementedError(
-                f"{self.name}: SyncBatchNormalization does not support masks; "
-                "drop the mask before it (e.g. no Masking/mask_zero upstream)."
-            )
         if not inputs.dtype.is_floating:
             raise TypeError(
                 f"{self.name}: inputs must be floating point, got {inputs.dtype.name}; "
                 "cast them first, e.g. keras.ops.cast(x, 'float32')."
             )
         compute_dtype = tf.float32 if inputs.dtype in (tf.float16, tf.bfloat16) else inputs.dtype
-        x = tf.cast(inputs, compute_dtype)
+        x = self._with_layer_channels(tf.cast(inputs, compute_dtype))
+        weights = None if mask is None else moments.mask_weights(mask, x, self.axis)
         if not self.trainable or training is None:
             training = False
         if isinstance(training, (bool, np.bool_)):
-            outputs = self._train(x) if training else self._infer(x)
+            outputs = self._train(x, weights) if training else self._infer(x)
         else:
             outputs = tf.cond(
-                tf.cast(training, tf.bool), lambda: self._train(x), lambda: self._infer(x)
+                tf.cast(training, tf.bool),
+                lambda: self._train(x, weights),
+                lambda: self._infer(x),
             )
         return tf.cast(outputs, self.compute_dtype)
+
+    def _with_layer_channels(self, x):
+        """`x`, or for an empty batch an empty tensor with the layer's channel count.
+
+        A rank with an empty batch can receive a tensor whose channel count is
+        wrong: oneDNN's CPU Conv3D (TF 2.18) returns an empty batch shaped like
+        its *input*, even where the graph's static shape says otherwise (so no
+        shape-based fix survives Grappler). The weights say how many channels
+        there are, so an empty shard still sends 2C+1 zeros and outputs C
+        channels. Only emptiness is tested at run time: one scalar predicate.
+        """
+        channels = self.moving_mean.shape[0]
+        axis = self.axis % x.shape.rank
+        if x.shape[axis] not in (None, channels) and x.shape[0] != 0:
+            raise ValueError(
+                f"{self.name}: expected axis {self.axis} of the input to have {channels} "
+                f"channels (the layer was built for them), got input shape {tuple(x.shape)}."
+            )
+        if x.shape[0] is not None and x.shape[0] > 0:
+            return x
+        dims = tf.unstack(tf.shape(x))
+        empty_shape = [0] + [
+            channels if i == axis else (d if d is not None else dims[i])
+            for i, d in enumerate(x.shape) if i > 0
+        ]
+
+        def empty():
+            # + sum(x) (= 0) keeps x connected, so its gradient is zeros, not None.
+            return tf.zeros(empty_shape, x.dtype) + tf.reduce_sum(x)
+
+        if x.shape[0] == 0:
+            return empty()
+        return tf.cond(tf.size(x) > 0, lambda: x, empty)
 
     def _infer(self, x):
         """Normalize with the moving statistics: no collective, no update."""
@@ -143,8 +177,11 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             self.axis,
         )
 
-    def _train(self, x):
-        """Normalize with the global batch statistics and update the moving ones."""
+    def _train(self, x, weights=None):
+        """Normalize with the global batch statistics and update the moving ones.
+
+        With mask `weights`, the statistics cover the unmasked values only.
+        """
         process_set = collectives.resolve_process_set(self.process_set)
         name = f"dist_bn/{self.path or self.name}"
         if not self._ranks_checked:
@@ -157,7 +194,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             self._ranks_checked = True
         y, mean, variance, count = ops.sync_batch_normalization(
             x, self._gamma(x.dtype), self._beta(x.dtype), self.axis, self.epsilon,
-            process_set=process_set, name=name,
+            process_set=process_set, name=name, weights=weights,
         )
         if self.unbiased_moving_variance:
             variance = moments.unbiased_variance(variance, count)
