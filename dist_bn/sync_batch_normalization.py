@@ -35,8 +35,12 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             (PyTorch's convention); Keras's default is the biased one.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
-    All ranks of the process set must call the layer in training mode
-    together (a rank with an empty batch too), with the same channel count.
+    Masks follow Keras: in training the statistics cover the unmasked
+    positions (counted per rank, exactly merged), in inference the mask is
+    ignored. All ranks of the process set must call the layer in training
+    mode together (a rank with an empty batch too), with the same channel
+    count; an empty batch may even carry a wrong one (see
+    `_with_layer_channels`).
     """
 
     def __init__(
