@@ -82,19 +82,15 @@ def hostfile_slots(path: str, backend: str) -> int | None:
 
 
 def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
-    """Refuse to start over an existing non-empty run directory unless the user
-    said what to do with it. (Rank 0 of the job creates or clears it.)"""
-    path = Path(run_dir)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ConfigError(f"run.dir: {run_dir} exists and is not a directory; pick another run.dir")
-    if resume or overwrite:
-        return
-    if any(path.iterdir()):
-        raise ConfigError(
-            f"run.dir: {run_dir} already exists and is not empty; pick another run.dir, "
-            "or set run.resume=true to continue it, or run.overwrite=true to replace it")
+    """The job's run-directory policy (`dist_bn.training.rundir`), checked
+    before anything starts: an existing non-empty run directory needs
+    run.resume or run.overwrite and the job's marker; system and home
+    directories are refused. (Rank 0 of the job checks again, then creates
+    or renames it.)"""
+    from launch.run_dir_policy import resolve_run_dir, run_dir_problem
+    problem = run_dir_problem(resolve_run_dir(run_dir), resume, overwrite)
+    if problem:
+        raise ConfigError(f"run.dir: {problem}")
 
 
 def preflight(config: Config, cwd: str | os.PathLike | None = None, run_dir: bool = True) -> Config:

@@ -41,6 +41,34 @@ def show(value: Any) -> str:
     return type(value).__name__
 
 
+# Characters that end a line, or change what a terminal, a shell or a YAML
+# parser sees, inside what looks like one line: C0 and C1 controls (newline,
+# carriage return, escape, NEL ...), DEL, and Unicode's line and paragraph
+# separators. No config string needs them, and every string can reach a
+# generated script or manifest, so they are refused outright.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as its Python escape
+    (\\n, \\x1b, \\u2028): safe to put in one comment or message line."""
+    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def control_character_problem(value: Any) -> str | None:
+    """What is wrong if `value` (a string, or a list/mapping of them) holds a
+    control character, else None."""
+    texts = ([value] if isinstance(value, str) else list(value) if isinstance(value, list)
+             else [*value, *value.values()] if isinstance(value, dict) else [])
+    for text in texts:
+        if isinstance(text, str):
+            found = CONTROL_CHARACTERS.search(text)
+            if found:
+                return (f"must be printable text on one line, got {printable(repr(text))} with "
+                        f"{printable(repr(found.group()))} at position {found.start()}")
+    return None
+
+
 def closest(word: str, candidates: list[str]) -> str | None:
     """The candidate most like `word` (difflib), for 'did you mean ...?' hints."""
     found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
@@ -334,7 +362,11 @@ class Field:
                 return None
             if isinstance(self.default, (list, dict)):
                 return type(self.default)()
-        return self.type.check(value)
+        value = self.type.check(value)
+        problem = control_character_problem(value)
+        if problem:
+            raise ValueProblem(problem)
+        return value
 
 
 SECTIONS: dict[str, str] = {

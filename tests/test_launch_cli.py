@@ -153,6 +153,7 @@ class TestRunDir:
     @pytest.fixture
     def used(self, tmp_path):
         (tmp_path / "runs" / "demo").mkdir(parents=True)
+        (tmp_path / "runs" / "demo" / ".dist_bn-run").write_text("{}")  # the job's marker
         (tmp_path / "runs" / "demo" / "checkpoint").write_text("x")
         return tmp_path / "runs" / "demo"
 
@@ -173,6 +174,30 @@ class TestRunDir:
         (tmp_path / "runs" / "demo").mkdir(parents=True)
         code, _, _ = run_main(capsys, str(write(tmp_path, "")), "--dry-run")
         assert code == 0
+
+    @pytest.mark.parametrize("flag", ["run.resume=true", "run.overwrite=true"])
+    def test_a_directory_the_job_did_not_make_is_refused(self, tmp_path, fake, capsys, flag):
+        foreign = tmp_path / "src"
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+        assert_error(capsys, [str(write(tmp_path, "")), f"run.dir={foreign}", flag, "--dry-run"],
+                     f"run.dir: {foreign} is not empty and has no .dist_bn-run marker")
+        assert sorted(os.listdir(foreign)) == ["notes.txt"]
+
+    @pytest.mark.parametrize("target, message", [
+        ("/etc", "/etc is in the system directory /etc, never a run directory"),
+        ("/usr/local/runs", "/usr/local/runs is in the system directory /usr"),
+        ("/", "/ is a system directory, never a run directory"),
+        ("'~'", "is the home directory, never a run directory"),
+    ])
+    @pytest.mark.parametrize("flag", ["run.resume=true", "run.overwrite=true", "run.tensorboard=true"])
+    def test_system_and_home_directories_are_always_refused(self, tmp_path, fake, capsys, target, message, flag):
+        assert_error(capsys, [str(write(tmp_path, "")), f"run.dir={target}", flag, "--dry-run"], message)
+
+    def test_symlinks_are_resolved_first(self, tmp_path, fake, capsys):
+        (tmp_path / "innocent").symlink_to("/etc")
+        assert_error(capsys, [str(write(tmp_path, "")), "run.dir=innocent", "run.overwrite=true", "--dry-run"],
+                     "run.dir: /etc is in the system directory /etc")
 
     def test_file_in_the_way(self, tmp_path, fake, capsys):
         (tmp_path / "runs").mkdir()

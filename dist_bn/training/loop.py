@@ -39,8 +39,8 @@ from dist_bn.training import distributed
 from dist_bn.training.checkpoint import Checkpoints
 from dist_bn.training.model import build_model
 from dist_bn.training.report import Reporter, epoch_line, progress_line, read_history
-from dist_bn.training.rundir import (RunDirError, load_saved_config, prepare_run_dir, resume_conflicts,
-                                     save_config)
+from dist_bn.training.rundir import (RunDirError, load_saved_config, prepare_run_dir, resolve_run_dir,
+                                     resume_conflicts, save_config)
 from dist_bn.training.schedule import make_schedule
 
 
@@ -63,7 +63,7 @@ def _prepare_run_dir(config: Mapping[str, Any], world: distributed.World) -> tup
     """Rank 0 applies the run.dir policy; every rank learns the outcome, so
     they all stop together (with the same message) when it fails."""
     run = config["run"]
-    run_dir = Path(run["dir"]).expanduser().absolute()
+    run_dir = resolve_run_dir(run["dir"])
     outcome: tuple[str | None, str | None] = (None, None)
     if world.is_chief:
         try:
@@ -196,7 +196,10 @@ def _train_and_evaluate(config, world, trainer, run_dir, moved, reporter, starte
     checkpoints = Checkpoints(run_dir, trainer.model, trainer.optimizer, world)
     done, restored = (0, None)
     if run_cfg["resume"]:
-        done, restored = checkpoints.restore_latest()
+        resumed = checkpoints.restore_latest()
+        done, restored = resumed.epoch, resumed.path
+        for note in resumed.notes:
+            reporter.warn(f"run.resume: {note}")
         if restored:
             reporter.say(f"resumed from {restored} (epoch {done} done)")
         else:
