@@ -37,6 +37,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from dist_bn.training import distributed
+from dist_bn.training.report import error_reason
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "ckpt"
@@ -87,8 +88,8 @@ def checkpoint_problem(prefix: str) -> str | None:
         reader = tf.train.load_checkpoint(prefix)
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError, OSError) as err:
-        return f"it does not read back: {one_line(err, 200)}"
+    except Exception as err:  # noqa: BLE001 - the reader raises OpError, IndexError ("Read less bytes"), ...
+        return f"it does not read back ({type(err).__name__}: {one_line(err, 200)})"
     return None
 
 
@@ -146,6 +147,22 @@ def set_aside(directory: Path, numbers: list[int], state_file: bool, now: float 
     return target
 
 
+def write_state_file(directory: Path, latest: str, kept: list[str]) -> None:
+    """Rewrite the `checkpoint` state file that tf.train.CheckpointManager reads
+    at start (and later sweeps by): `latest` and the `kept` checkpoints, with
+    their index files' times so the manager keeps only the newest MAX_TO_KEEP."""
+    times = [os.path.getmtime(prefix + ".index") for prefix in kept]
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # the v1 function is marked deprecated; there is no TF2 one for this
+    try:
+        tf.compat.v1.train.update_checkpoint_state(str(directory), latest, all_model_checkpoint_paths=kept,
+                                                   all_model_checkpoint_timestamps=times,
+                                                   last_preserved_timestamp=min(times) - 1)
+    finally:
+        logger.setLevel(level)
+
+
 @dataclass
 class Resumed:
     """What `Checkpoints.restore_latest` did: completed epochs, the checkpoint
@@ -196,7 +213,7 @@ class Checkpoints:
                 self._remove_partial(epoch, before)
                 kept = self.manager.latest_checkpoint
                 outcome = (None, f"cannot write checkpoint {checkpoint_prefix(self.directory, epoch)}: "
-                                 f"{one_line(err, 160)}; "
+                                 f"{error_reason(err)}; "
                                  + (f"the previous checkpoint {kept} is kept" if kept else "no checkpoint kept")
                                  + " (free space, then resume with run.resume=true)")
         if self.world.size > 1:
@@ -234,11 +251,14 @@ class Checkpoints:
                 f"none of the checkpoints in {self.directory} can be restored ({choice.describe_skipped()}); "
                 "nothing was changed: restore them from a backup, or move them away to start from scratch")
         prefix = checkpoint_prefix(self.directory, choice.number)
+        named = None if state_problem else tf.train.latest_checkpoint(str(self.directory))
         if state_problem:
             notes.append(f"{state_problem}; the checkpoints were found from their files")
-        elif tf.train.latest_checkpoint(str(self.directory)) not in (None, prefix):
-            notes.append(f"the {STATE_FILE} state file names {tf.train.latest_checkpoint(str(self.directory))}, "
-                         f"but {prefix} is newer and intact")
+        elif named is None:
+            notes.append(f"the {STATE_FILE} state file is missing or names no existing checkpoint; "
+                         "the checkpoints were found from their files")
+        elif named != prefix:
+            notes.append(f"the {STATE_FILE} state file names {named}, but the newest intact checkpoint is {prefix}")
         if choice.skipped:
             notes.append(f"skipped damaged checkpoint(s): {choice.describe_skipped()}")
         newer = [n for n in find_checkpoints(self.directory) if n > choice.number]  # incl. leftover _temp dirs
@@ -247,10 +267,10 @@ class Checkpoints:
             notes.append(f"moved {', '.join(f'{CHECKPOINT_PREFIX}-{n}' for n in newer)}"
                          f"{' and the unreadable state file' if state_problem else ''} to {moved} "
                          "(kept, never overwritten)")
-        older = [checkpoint_prefix(self.directory, n) for n in reversed(choice.found)
-                 if n < choice.number and os.path.isfile(checkpoint_prefix(self.directory, n) + ".index")]
-        tf.compat.v1.train.update_checkpoint_state(str(self.directory), prefix,
-                                                   all_model_checkpoint_paths=[*older, prefix])
+        if notes:  # the state file is missing, unreadable or stale: list what is kept, for the manager
+            older = [checkpoint_prefix(self.directory, n) for n in reversed(choice.found)
+                     if n < choice.number and os.path.isfile(checkpoint_prefix(self.directory, n) + ".index")]
+            write_state_file(self.directory, prefix, [*older, prefix])
         return prefix, notes, None
 
     def restore_latest(self) -> Resumed:
@@ -267,10 +287,13 @@ class Checkpoints:
                 outcome = (path, notes, problem)
             except (ValueError, AssertionError, tf.errors.OpError, OSError) as err:
                 outcome = (None, [], f"cannot restore a checkpoint from {self.directory}: {one_line(err, 400)}")
-        path, notes, problem = distributed.broadcast_object(outcome, name="resume/outcome")
+        if self.world.size > 1:
+            outcome = distributed.broadcast_object(outcome, name="resume/outcome")
+        path, notes, problem = outcome
         if problem:
             raise ResumeError(problem)
         if path is None:
             return Resumed(0, None, notes)
-        distributed.broadcast_variables(self.state_variables(), prefix="resume")
+        if self.world.size > 1:
+            distributed.broadcast_variables(self.state_variables(), prefix="resume")
         return Resumed(int(self.epoch.numpy()), path, notes)

@@ -103,8 +103,12 @@ def save_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
     target = Path(run_dir) / CONFIG_FILE
     header = CONFIG_HEADER + "# Rerun it with: dist-bn-launch THIS_FILE run.dir=NEW_DIR\n"
     tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(target)
+    try:
+        tmp.write_text(header + yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+        tmp.replace(target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return target
 
 
