@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"{PROG}: running: {shlex.join(launch.argv)}", file=sys.stderr, flush=True)
     try:
-        return run(launch.argv, launch.child_env())
+        return run(launch.argv, launch.child_env(), rank_exit_codes=backend == "horovodrun")
     except OSError as err:
         print(f"{PROG}: error: cannot start {launch.argv[0]}: {err.strerror or err}", file=sys.stderr)
         return USAGE_ERROR

@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,11 +32,19 @@ with open(out + ".json", "w") as f:
     json.dump({{"argv": sys.argv, "pid": os.getpid(), "env": dict(os.environ),
                "own_session": os.getsid(0) == os.getpid(),
                "stdin_is_devnull": os.path.samefile("/proc/self/fd/0", os.devnull)}}, f)
+if os.environ.get("FAKE_MODE") == "rank_error":
+    # Like horovodrun when a rank printed its one-line error and exited 2:
+    # the rank records its code, horovodrun exits 1 with a traceback of its own.
+    with open(os.path.join(os.environ["DIST_BN_EXIT_STATUS_DIR"], "rank-0"), "w") as f:
+        f.write("2\\n")
+    print("[0]<stderr>:dist_bn.training: error: run.dir: the rank's one line", file=sys.stderr)
+    print("Traceback (most recent call last):\\n  File horovodrun\\nRuntimeError: Horovod detected", file=sys.stderr)
+    sys.exit(1)
 if os.environ.get("FAKE_MODE") == "sleep":
     def stop(signum, frame):
         with open(out + ".signals", "a") as f:
             f.write(f"{{signum}}\\n")
-        sys.exit(128 + signum)
+        sys.exit(int(os.environ.get("FAKE_SIGNAL_CODE", 128 + signum)))
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     open(out + ".ready", "w").close()
@@ -334,10 +343,10 @@ def test_signal_handlers_are_restored(tmp_path, fake, capsys):
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def start_sleeping_job(tmp_path: Path, fake: Path) -> subprocess.Popen:
+def start_sleeping_job(tmp_path: Path, fake: Path, **extra_env: str) -> subprocess.Popen:
     """`python -m launch` over a fake launcher that sleeps until signalled."""
     path = write(tmp_path, "")
-    env = {**os.environ, "FAKE_MODE": "sleep", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "FAKE_MODE": "sleep", "PYTHONPATH": str(REPO), **extra_env}
     job = subprocess.Popen([sys.executable, "-m", "launch", str(path)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -363,3 +372,46 @@ def test_child_killed_by_a_signal_gives_128_plus_n(tmp_path, fake):
     os.kill(record(fake)["pid"], signal.SIGKILL)
     job.communicate(timeout=30)
     assert job.returncode == 128 + signal.SIGKILL
+
+
+def test_a_signal_gives_128_plus_n_even_when_horovodrun_says_1(tmp_path, fake):
+    """horovodrun exits 1 when it stops the ranks for a SIGTERM or SIGINT."""
+    job = start_sleeping_job(tmp_path, fake, FAKE_SIGNAL_CODE="1")
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=30)
+    assert job.returncode == 128 + signal.SIGTERM
+
+
+def test_the_ranks_exit_code_passes_through_horovodrun(tmp_path, fake, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "rank_error")
+    code, _, err = run_main(capsys, str(write(tmp_path, "")))
+    assert code == 2
+    assert "[0]<stderr>:dist_bn.training: error: run.dir: the rank's one line\n" in err
+    assert "Traceback" not in err and "RuntimeError" not in err
+    assert not list(Path(tempfile.gettempdir()).glob(f"dist-bn-exit-*/rank-0"))  # removed with its directory
+
+
+def test_horovodruns_own_traceback_is_kept_when_no_rank_said_why(tmp_path, fake, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "rank_error")
+    monkeypatch.setenv("FAKE_OUT", str(fake))
+    real = fake.parent / "bin" / "horovodrun"
+    real.write_text(real.read_text().replace('"rank-0"', '"not-a-rank"'))
+    code, _, err = run_main(capsys, str(write(tmp_path, "")))
+    assert code == 1 and "Traceback (most recent call last):" in err and "RuntimeError" in err
+
+
+def test_the_child_dies_with_a_killed_launcher(tmp_path, fake):
+    """SIGKILL gives the launcher no chance to forward anything: the kernel's
+    parent-death signal stops horovodrun/mpirun (which then stop the ranks)."""
+    job = start_sleeping_job(tmp_path, fake)
+    child = record(fake)["pid"]
+    job.kill()
+    job.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while not Path(f"{fake}.signals").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert Path(f"{fake}.signals").read_text() == f"{int(signal.SIGTERM)}\n"
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text()

@@ -30,8 +30,14 @@ WRITE_ERROR = 1
 
 
 def error(message: str, code: int = USAGE_ERROR) -> int:
-    if launcher_rank() == 0:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    """Print `message` as the job's one error line (rank 0) and return `code`,
+    which every rank also records for the launcher (see launch.runner)."""
+    from launch.runner import record_exit_status
+    from launch.schema import printable
+    rank = launcher_rank()
+    if rank == 0:
+        print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)
+    record_exit_status(rank, code)
     return code
 
 
