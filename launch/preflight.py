@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from launch.config import Config, ConfigError
+from launch.schema import host_problem
 
 INSTALL_HINT = {
     "horovodrun": "install Horovod with `bash scripts/bootstrap.sh` (or activate .venv)",
@@ -66,11 +67,15 @@ def hostfile_slots(path: str, backend: str) -> int | None:
                 raise ConfigError(
                     f"launcher.hostfile: {path} line {number}: horovodrun needs 'hostname slots=N' "
                     f"on every line, no blank or comment lines; got {line!r}")
+            if host_problem(match.group(1)):
+                raise ConfigError(f"launcher.hostfile: {path} line {number}: {host_problem(match.group(1))}")
             total += int(match.group(2))
             continue
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
+        if host_problem(line.split()[0]):
+            raise ConfigError(f"launcher.hostfile: {path} line {number}: {host_problem(line.split()[0])}")
         slots = re.search(r"\bslots=(\d+)", line)
         if slots:
             total += int(slots.group(1))

@@ -99,7 +99,7 @@ def test_out_of_range_message_format(tmp_path, fake, capsys):
     path = write(tmp_path, "launcher:\n  num_proc: -2\n")
     code, out, err = run_main(capsys, str(path))
     assert (code, out) == (2, "")
-    assert err == f"{PROG}: error: {path}: launcher.num_proc: must be an integer >= 1, got -2\n"
+    assert err == f"{PROG}: error: {path}: launcher.num_proc: must be an integer from 1 to 65536, got -2\n"
 
 
 @pytest.mark.parametrize("text, overrides, expected", [
@@ -108,11 +108,11 @@ def test_out_of_range_message_format(tmp_path, fake, capsys):
     ("[1, 2]\n", [], "run.yaml: the top level must be a mapping of sections"),
     ("train: {batchsize: 2}\n", [], "run.yaml: train.batchsize: unknown key (did you mean train.batch_size?); "
                                     "allowed keys in train: batch_size, "),
-    ("train: {batch_size: two}\n", [], "run.yaml: train.batch_size: must be an integer >= 1, got 'two'"),
+    ("train: {batch_size: two}\n", [], "run.yaml: train.batch_size: must be an integer from 1 to 65536, got 'two'"),
     ("model: {bn: batch}\n", [], "run.yaml: model.bn: must be one of sync, local, none; got 'batch'"),
     ("", ["epochs"], "command line: 'epochs': not a key=value override"),
     ("", ["train.epoch=2"], "command line: train.epoch: unknown key (did you mean train.epochs?)"),
-    ("", ["launcher.num_proc=-2"], "command line: launcher.num_proc: must be an integer >= 1, got -2"),
+    ("", ["launcher.num_proc=-2"], "command line: launcher.num_proc: must be an integer from 1 to 65536, got -2"),
     ("launcher: {backend: mpirun}\n", [], "launcher.controller: gloo needs launcher.backend: horovodrun; mpirun "
                                           "always starts Horovod's MPI controller"),
     ("launcher: {hosts: 'a:1', num_proc: 2}\n", [], "run.yaml: launcher.hosts: slots add up to 1 but "
@@ -144,6 +144,14 @@ def test_horovodrun_hostfile_must_be_in_its_format(tmp_path, fake, capsys):
     path = write(tmp_path, "launcher: {hostfile: hosts, num_proc: 2}\n")
     assert_error(capsys, [str(path)], f"launcher.hostfile: {tmp_path}/hosts line 2: horovodrun needs "
                                       "'hostname slots=N' on every line, no blank or comment lines; got ''")
+
+
+@pytest.mark.parametrize("backend", ["horovodrun", "mpirun"])
+def test_hostfile_host_names_are_checked(tmp_path, fake, capsys, backend):
+    (tmp_path / "hosts").write_text("node1 slots=2\n$(reboot) slots=2\n")
+    path = write(tmp_path, f"launcher: {{backend: {backend}, controller: mpi, hostfile: hosts, num_proc: 2}}\n")
+    assert_error(capsys, [str(path), "--dry-run"],
+                 f"launcher.hostfile: {tmp_path}/hosts line 2: host '$(reboot)' is not a host name")
 
 
 def test_mpirun_hostfile_may_have_comments(tmp_path, fake, capsys):
@@ -256,7 +264,7 @@ def test_errors_print_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch", str(path)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr == f"{PROG}: error: {path}: launcher.num_proc: must be an integer >= 1, got 0\n"
+    assert result.stderr == f"{PROG}: error: {path}: launcher.num_proc: must be an integer from 1 to 65536, got 0\n"
 
 
 # --- dry run ---------------------------------------------------------------------

@@ -37,7 +37,7 @@ import tensorflow as tf
 from dist_bn.training import data as data_lib
 from dist_bn.training import distributed
 from dist_bn.training.checkpoint import Checkpoints
-from dist_bn.training.model import build_model
+from dist_bn.training.model import build_model, training_step_bytes
 from dist_bn.training.report import Reporter, epoch_line, progress_line, read_history
 from dist_bn.training.rundir import (RunDirError, load_saved_config, prepare_run_dir, resolve_run_dir,
                                      resume_conflicts, save_config)
@@ -46,6 +46,43 @@ from dist_bn.training.schedule import make_schedule
 
 class SetupError(Exception):
     """The job cannot start as configured; the message says what to change."""
+
+
+# What a rank holds besides a training step: TensorFlow, Horovod and the
+# model's own variables, measured at about 0.4 GB on CPU; rounded up.
+RANK_BASE_BYTES = 512 * 2**20
+GIB = 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_problem(config: Mapping[str, Any], ranks_here: int, available: int | None) -> str | None:
+    """Why `ranks_here` ranks of `config` will not fit in `available` bytes
+    (estimated: `model.training_step_bytes`, the epoch's index permutation and
+    RANK_BASE_BYTES per rank), else None."""
+    if available is None:
+        return None
+    data, train = config["data"], config["train"]
+    step = training_step_bytes(config["model"], data, max(train["batch_size"], data_lib.MIN_EVAL_BATCH))
+    per_rank = RANK_BASE_BYTES + step + 8 * (data["train_clips"] + data["eval_clips"])
+    if per_rank * ranks_here <= available:
+        return None
+    return (f"data/model/train sizes: a rank would need about {per_rank / GIB:.1f} GiB "
+            f"({data['frames']}x{data['height']}x{data['width']} clips, batch {train['batch_size']}, "
+            f"model.width {config['model']['width']}, model.depth {config['model']['depth']}), x {ranks_here} "
+            f"rank(s) on this machine = {per_rank * ranks_here / GIB:.1f} GiB, but only "
+            f"{available / GIB:.1f} GiB is available; lower data.height/data.width/data.frames, "
+            "train.batch_size or model.width, or use fewer ranks per machine")
 
 
 def make_optimizer(train: Mapping[str, Any], schedule, mixed_precision: bool) -> keras.optimizers.Optimizer:
@@ -97,6 +134,9 @@ class Trainer:
                 f"train.batch_size: one global batch ({train['batch_size']} clips x {world.size} ranks = "
                 f"{self.global_batch}) is larger than data.train_clips ({data['train_clips']}); "
                 "lower train.batch_size or raise data.train_clips")
+        problem = memory_problem(config, world.local_size, available_memory())
+        if problem:
+            raise SetupError(problem)
         self.model = build_model(config["model"], data)
         self.schedule = make_schedule(train, world.size, self.steps)
         self.optimizer = make_optimizer(train, self.schedule, train["mixed_precision"])
