@@ -43,6 +43,7 @@ def error_reason(err: BaseException, limit: int = 200) -> str:
     text = str(getattr(err, "message", None) or err).strip()
     first = text.splitlines()[0] if text else type(err).__name__
     first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)
+    first = re.sub(r"\s*\[Op:\w+\]( name: \S*)?\s*$", "", first)
     reason = first.rsplit("; ", 1)[-1].strip() or first
     return reason if len(reason) <= limit else reason[:limit] + " ..."
 
