@@ -124,6 +124,14 @@ def test_a_run_from_before_markers_is_recognized_by_its_config(tmp_path):
     assert (old / MARKER_FILE).exists()
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"model: [unclosed\n", b"- a list\n"])
+def test_an_unreadable_saved_config_is_one_line(tmp_path, content):
+    (tmp_path / "config.yaml").write_bytes(content)
+    with pytest.raises(RunDirError) as info:
+        load_saved_config(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path / "config.yaml") in str(info.value)
+
+
 def test_saved_config_round_trip_and_resume_conflicts(tmp_path):
     (tmp_path / "c.yaml").write_text("model: {width: 4}\n")
     config = load_config(tmp_path / "c.yaml")

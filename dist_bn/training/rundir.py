@@ -113,11 +113,20 @@ def save_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
 
 
 def load_saved_config(run_dir: str | os.PathLike) -> dict | None:
-    """The config.yaml saved in run_dir, or None if there is none."""
+    """The config.yaml saved in run_dir, or None if there is none. Raises
+    RunDirError (one line) if it is unreadable: a resumed run checks it."""
     target = Path(run_dir) / CONFIG_FILE
     if not target.is_file():
         return None
-    return yaml.safe_load(target.read_text(encoding="utf-8"))
+    try:
+        saved = yaml.safe_load(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        problem = " ".join(str(getattr(err, "strerror", None) or err).split())[:200]
+        raise RunDirError(f"{target} is unreadable ({type(err).__name__}: {problem}); restore it from a backup "
+                          "or move it away to resume without the model/data check") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise RunDirError(f"{target} is not a saved config (a YAML mapping); restore it or move it away")
+    return saved
 
 
 def resume_conflicts(saved: Mapping[str, Any] | None, config: Mapping[str, Any]) -> list[str]:
