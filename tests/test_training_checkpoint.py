@@ -165,9 +165,12 @@ def test_a_checkpoint_of_another_model_is_one_line(run_copy, config):
     model = build_model({**config["model"], "width": 8}, config["data"])
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(model.trainable_variables)
+    (run_dir / "checkpoints" / "checkpoint").unlink()
+    before = sorted(os.listdir(run_dir / "checkpoints"))
     with pytest.raises(ResumeError, match="cannot restore a checkpoint from") as info:
         Checkpoints(run_dir, model, optimizer, World(0, 1, 0)).restore_latest()
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "nothing was changed" in str(info.value)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before
 
 
 # --- a full disk -------------------------------------------------------------------------

@@ -236,20 +236,16 @@ class Checkpoints:
                 else:
                     path.unlink(missing_ok=True)
 
-    def _choose_and_repair(self) -> tuple[str | None, list[str], str | None]:
-        """Rank 0: pick the checkpoint to resume from, set aside the newer ones,
-        rewrite the state file. Returns (prefix, notes, problem)."""
+    def _choose(self) -> tuple[Choice, str | None, list[str]]:
+        """Rank 0, read-only: the checkpoint to resume from, the state file's
+        problem (None if readable) and notes on what was found."""
         notes = []
         state_problem = state_file_problem(self.directory)
         choice = choose_checkpoint(self.directory)
-        if not choice.found:
-            if state_problem:
-                notes.append(f"{self.directory}: {state_problem}, and there are no {CHECKPOINT_PREFIX}-N files")
-            return None, notes, None
         if choice.number is None:
-            return None, notes, (
-                f"none of the checkpoints in {self.directory} can be restored ({choice.describe_skipped()}); "
-                "nothing was changed: restore them from a backup, or move them away to start from scratch")
+            if not choice.found and state_problem:
+                notes.append(f"{self.directory}: {state_problem}, and there are no {CHECKPOINT_PREFIX}-N files")
+            return choice, state_problem, notes
         prefix = checkpoint_prefix(self.directory, choice.number)
         named = None if state_problem else tf.train.latest_checkpoint(str(self.directory))
         if state_problem:
@@ -261,17 +257,22 @@ class Checkpoints:
             notes.append(f"the {STATE_FILE} state file names {named}, but the newest intact checkpoint is {prefix}")
         if choice.skipped:
             notes.append(f"skipped damaged checkpoint(s): {choice.describe_skipped()}")
+        return choice, state_problem, notes
+
+    def _repair(self, choice: Choice, state_problem: str | None, notes: list[str]) -> None:
+        """Rank 0, after a successful restore: move the checkpoints newer than
+        the one restored (and an unreadable state file) aside, so the continued
+        run never writes over them, and make the state file list what is kept."""
         newer = [n for n in find_checkpoints(self.directory) if n > choice.number]  # incl. leftover _temp dirs
         moved = set_aside(self.directory, newer, state_file=state_problem is not None)
         if moved:
-            notes.append(f"moved {', '.join(f'{CHECKPOINT_PREFIX}-{n}' for n in newer)}"
-                         f"{' and the unreadable state file' if state_problem else ''} to {moved} "
-                         "(kept, never overwritten)")
+            what = [f"{CHECKPOINT_PREFIX}-{n}" for n in newer] + (["the unreadable state file"] if state_problem else [])
+            notes.append(f"moved {', '.join(what)} to {moved} (kept, never overwritten)")
         if notes:  # the state file is missing, unreadable or stale: list what is kept, for the manager
+            prefix = checkpoint_prefix(self.directory, choice.number)
             older = [checkpoint_prefix(self.directory, n) for n in reversed(choice.found)
                      if n < choice.number and os.path.isfile(checkpoint_prefix(self.directory, n) + ".index")]
             write_state_file(self.directory, prefix, [*older, prefix])
-        return prefix, notes, None
 
     def restore_latest(self) -> Resumed:
         """Restore the newest intact checkpoint on rank 0 and broadcast the
@@ -281,12 +282,22 @@ class Checkpoints:
         outcome: tuple[str | None, list[str], str | None] = (None, [], None)
         if self.world.is_chief:
             try:
-                path, notes, problem = self._choose_and_repair()
-                if path is not None:
+                choice, state_problem, notes = self._choose()
+                if choice.number is None and choice.found:
+                    outcome = (None, notes, (
+                        f"none of the checkpoints in {self.directory} can be restored "
+                        f"({choice.describe_skipped()}); nothing was changed: restore them from a backup, "
+                        "or move them away to start from scratch"))
+                elif choice.number is not None:
+                    path = checkpoint_prefix(self.directory, choice.number)
                     self.checkpoint.restore(path).assert_existing_objects_matched()
-                outcome = (path, notes, problem)
+                    self._repair(choice, state_problem, notes)
+                    outcome = (path, notes, None)
+                else:
+                    outcome = (None, notes, None)
             except (ValueError, AssertionError, tf.errors.OpError, OSError) as err:
-                outcome = (None, [], f"cannot restore a checkpoint from {self.directory}: {one_line(err, 400)}")
+                outcome = (None, [], f"cannot restore a checkpoint from {self.directory}: {one_line(err, 400)}; "
+                                     "nothing was changed")
         if self.world.size > 1:
             outcome = distributed.broadcast_object(outcome, name="resume/outcome")
         path, notes, problem = outcome
