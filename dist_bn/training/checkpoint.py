@@ -211,7 +211,8 @@ class Checkpoints:
                 outcome = (self.manager.save(checkpoint_number=epoch), None)
             except (OSError, tf.errors.OpError) as err:
                 self._remove_partial(epoch, before)
-                kept = self.manager.latest_checkpoint
+                self._manager = None  # it may count the failed save as done; re-read the state file next time
+                kept = tf.train.latest_checkpoint(str(self.directory))
                 outcome = (None, f"cannot write checkpoint {checkpoint_prefix(self.directory, epoch)}: "
                                  f"{error_reason(err)}; "
                                  + (f"the previous checkpoint {kept} is kept" if kept else "no checkpoint kept")
@@ -224,12 +225,13 @@ class Checkpoints:
         return path
 
     def _remove_partial(self, epoch: int, before: set[str]) -> None:
-        """Delete what a failed save of `epoch` created (ckpt-EPOCH_temp/, ckpt-EPOCH.*)."""
+        """Delete what a failed save of `epoch` created: ckpt-EPOCH_temp/,
+        ckpt-EPOCH.* and a half-written state file's temporary copy."""
         if not self.directory.is_dir():
             return
         for name in set(os.listdir(self.directory)) - before:
             match = _CHECKPOINT_ENTRY.fullmatch(name)
-            if match and int(match.group(1)) == epoch:
+            if (match and int(match.group(1)) == epoch) or name.startswith(STATE_FILE + ".tmp"):
                 path = self.directory / name
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
