@@ -26,7 +26,7 @@ from launch.config import ConfigError, load_config
 from launch.emit import EMIT_KINDS, Job, emit
 from launch.preflight import find_launcher, preflight
 from launch.runner import run
-from launch.schema import render_markdown
+from launch.schema import printable, render_markdown
 
 PROG = "dist-bn-launch"
 USAGE_ERROR = 2
@@ -174,14 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             write_emitted(args.emit, args.config, args.overrides, job, args.output)
         except ConfigError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
+            print(f"{PROG}: error: {printable(str(err))}", file=sys.stderr)
             return USAGE_ERROR
         return 0
 
     try:
         launch, backend = prepare(args.config, args.overrides, verify_args)
     except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(str(err))}", file=sys.stderr)
         return USAGE_ERROR
 
     if args.dry_run:
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"{PROG}: running: {shlex.join(launch.argv)}", file=sys.stderr, flush=True)
     try:
-        return run(launch.argv, launch.child_env())
+        return run(launch.argv, launch.child_env(), rank_exit_codes=backend == "horovodrun")
     except OSError as err:
         print(f"{PROG}: error: cannot start {launch.argv[0]}: {err.strerror or err}", file=sys.stderr)
         return USAGE_ERROR

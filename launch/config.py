@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from launch.schema import BY_KEY, FIELDS, RULES, SECTIONS, EnvMap, ValueProblem, closest, section_keys, show
+from launch.schema import (BY_KEY, CONTROL_CHARACTERS, FIELDS, RULES, SECTIONS, EnvMap, ValueProblem, closest,
+                           printable, section_keys, show)
 
 OVERRIDE_SOURCE = "command line"
 
@@ -128,6 +129,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     [a, b] and null mean what they do in the file)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
+    control = CONTROL_CHARACTERS.search(text)
+    if control:
+        # Refused before YAML reads it: YAML folds a newline into a space, so the
+        # value would look clean while the raw text (echoed into generated files
+        # and logs) still carries the line break.
+        raise ConfigError(f"{OVERRIDE_SOURCE}: {printable(repr(text))}: contains the control character "
+                          f"{printable(repr(control.group()))}; an override must be one printable line")
     if not sep or not key:
         raise ConfigError(f"{OVERRIDE_SOURCE}: {text!r}: not a key=value override (e.g. train.batch_size=8)")
     if not _KEY_PATH.fullmatch(key):
@@ -197,6 +205,9 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
     depend on the launching machine live in `launch.preflight`.
     """
     source = os.fspath(path)
+    if CONTROL_CHARACTERS.search(source):
+        raise ConfigError(f"{printable(repr(source))}: the config file name contains a control character; "
+                          "rename the file")
     tree = _read(path, source)
     _check_known_keys(tree, source)
     overridden = _apply_overrides(tree, list(overrides), source)

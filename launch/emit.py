@@ -32,7 +32,7 @@ import yaml
 from launch.command import rank_environment, verify_argv, worker_argv
 from launch.config import Config, ConfigError
 from launch.preflight import absolute
-from launch.schema import parse_hosts
+from launch.schema import CONTROL_CHARACTERS, parse_hosts, printable
 
 EMIT_KINDS = ("slurm", "k8s-mpijob")
 MPIJOB_API_VERSION = "kubeflow.org/v2beta1"
@@ -119,8 +119,11 @@ def _dump(document) -> str:
 
 
 def _header(kind: str, job: Job) -> list[str]:
+    """The file's first comment lines. The command that wrote the file is shown
+    with its control characters escaped: a newline in it would otherwise end
+    the comment and turn the rest into shell commands or YAML."""
     what = "dist-bn-verify" if job.verify else "dist_bn training job"
-    return [f"# {what} as {kind}, written by: {job.command}" if job.command else f"# {what} as {kind}.",
+    return [f"# {what} as {kind}, written by: {printable(job.command)}" if job.command else f"# {what} as {kind}.",
             "# Write it again after changing the config; every key: dist-bn-launch --schema"]
 
 
@@ -149,11 +152,18 @@ def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job
         ("--output={}", slurm["output"]),
         ("--chdir={}", cwd),
     ]
+    for form, value in optional:
+        if value is not None and CONTROL_CHARACTERS.search(str(value)):
+            # Only the working directory can get here (config strings are checked):
+            # sbatch reads #SBATCH lines one by one, so a newline would end the line.
+            raise ConfigError(f"--chdir: the directory {printable(repr(str(value)))} has a control character "
+                              "in its name; run --emit from another directory")
     directives += [form.format(value) for form, value in optional if value is not None]
     directives.extend(slurm["directives"])
     for directive in directives:
-        if "\n" in directive or not directive.startswith("-"):
-            raise ConfigError(f"slurm.directives: {directive!r} is not an sbatch option such as --qos=high")
+        if CONTROL_CHARACTERS.search(directive) or not directive.startswith("-"):
+            raise ConfigError(f"slurm.directives: {printable(repr(directive))} is not an sbatch option such as "
+                              "--qos=high")
         lines.append(f"#SBATCH {directive}")
 
     lines += ["", "set -euo pipefail", ""]

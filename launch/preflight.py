@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from launch.config import Config, ConfigError
+from launch.schema import host_problem
 
 INSTALL_HINT = {
     "horovodrun": "install Horovod with `bash scripts/bootstrap.sh` (or activate .venv)",
@@ -66,11 +67,15 @@ def hostfile_slots(path: str, backend: str) -> int | None:
                 raise ConfigError(
                     f"launcher.hostfile: {path} line {number}: horovodrun needs 'hostname slots=N' "
                     f"on every line, no blank or comment lines; got {line!r}")
+            if host_problem(match.group(1)):
+                raise ConfigError(f"launcher.hostfile: {path} line {number}: {host_problem(match.group(1))}")
             total += int(match.group(2))
             continue
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
+        if host_problem(line.split()[0]):
+            raise ConfigError(f"launcher.hostfile: {path} line {number}: {host_problem(line.split()[0])}")
         slots = re.search(r"\bslots=(\d+)", line)
         if slots:
             total += int(slots.group(1))
@@ -82,19 +87,15 @@ def hostfile_slots(path: str, backend: str) -> int | None:
 
 
 def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
-    """Refuse to start over an existing non-empty run directory unless the user
-    said what to do with it. (Rank 0 of the job creates or clears it.)"""
-    path = Path(run_dir)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ConfigError(f"run.dir: {run_dir} exists and is not a directory; pick another run.dir")
-    if resume or overwrite:
-        return
-    if any(path.iterdir()):
-        raise ConfigError(
-            f"run.dir: {run_dir} already exists and is not empty; pick another run.dir, "
-            "or set run.resume=true to continue it, or run.overwrite=true to replace it")
+    """The job's run-directory policy (`dist_bn.training.rundir`), checked
+    before anything starts: an existing non-empty run directory needs
+    run.resume or run.overwrite and the job's marker; system and home
+    directories are refused. (Rank 0 of the job checks again, then creates
+    or renames it.)"""
+    from launch.run_dir_policy import resolve_run_dir, run_dir_problem
+    problem = run_dir_problem(resolve_run_dir(run_dir), resume, overwrite)
+    if problem:
+        raise ConfigError(f"run.dir: {problem}")
 
 
 def preflight(config: Config, cwd: str | os.PathLike | None = None, run_dir: bool = True) -> Config:

@@ -41,6 +41,34 @@ def show(value: Any) -> str:
     return type(value).__name__
 
 
+# Characters that end a line, or change what a terminal, a shell or a YAML
+# parser sees, inside what looks like one line: C0 and C1 controls (newline,
+# carriage return, escape, NEL ...), DEL, and Unicode's line and paragraph
+# separators. No config string needs them, and every string can reach a
+# generated script or manifest, so they are refused outright.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as its Python escape
+    (\\n, \\x1b, \\u2028): safe to put in one comment or message line."""
+    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def control_character_problem(value: Any) -> str | None:
+    """What is wrong if `value` (a string, or a list/mapping of them) holds a
+    control character, else None."""
+    texts = ([value] if isinstance(value, str) else list(value) if isinstance(value, list)
+             else [*value, *value.values()] if isinstance(value, dict) else [])
+    for text in texts:
+        if isinstance(text, str):
+            found = CONTROL_CHARACTERS.search(text)
+            if found:
+                return (f"must be printable text on one line, got {printable(repr(text))} with "
+                        f"{printable(repr(found.group()))} at position {found.start()}")
+    return None
+
+
 def closest(word: str, candidates: list[str]) -> str | None:
     """The candidate most like `word` (difflib), for 'did you mean ...?' hints."""
     found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
@@ -251,6 +279,23 @@ class EnvMap(ValueType):
         return env
 
 
+# A host name (RFC 1123 labels; '_' too, which some clusters use) or an IPv4
+# address: letters, digits, '-', '_' and '.', starting and ending with a letter
+# or digit. Host names reach ssh, horovodrun and mpirun command lines (and
+# --emit's scripts), so nothing else passes: no ';', '$(...)', spaces, or a
+# leading '-' that a program would read as an option.
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*")
+
+
+def host_problem(name: str) -> str | None:
+    """Why `name` is not a host name or IPv4 address, else None."""
+    if HOST_NAME.fullmatch(name):
+        return None
+    return (f"host {printable(repr(name))} is not a host name or IPv4 address (letters, digits, '-', '_' "
+            "and '.', starting and ending with a letter or digit)")
+
+
 def parse_hosts(text: str) -> list[tuple[str, int]]:
     """Split "h1:4,h2:4" into [("h1", 4), ("h2", 4)]; raise ValueProblem if malformed."""
     pairs = []
@@ -258,7 +303,9 @@ def parse_hosts(text: str) -> list[tuple[str, int]]:
         entry = entry.strip()
         name, sep, slots = entry.rpartition(":")
         if not sep or not name or re.search(r"\s", name) or not slots.isdigit() or int(slots) < 1:
-            raise ValueProblem(f"entry {entry!r} must be host:slots with slots >= 1, e.g. node1:8")
+            raise ValueProblem(f"entry {printable(repr(entry))} must be host:slots with slots >= 1, e.g. node1:8")
+        if host_problem(name):
+            raise ValueProblem(f"entry {printable(repr(entry))}: {host_problem(name)}")
         if any(name == seen for seen, _ in pairs):
             raise ValueProblem(f"lists host {name!r} twice")
         pairs.append((name, int(slots)))
@@ -334,7 +381,11 @@ class Field:
                 return None
             if isinstance(self.default, (list, dict)):
                 return type(self.default)()
-        return self.type.check(value)
+        value = self.type.check(value)
+        problem = control_character_problem(value)
+        if problem:
+            raise ValueProblem(problem)
+        return value
 
 
 SECTIONS: dict[str, str] = {
@@ -351,31 +402,31 @@ SECTIONS: dict[str, str] = {
 
 FIELDS: tuple[Field, ...] = (
     # model
-    Field("model.width", Int(min=1), 16, "Channels of the first Conv3D block."),
-    Field("model.depth", Int(min=1), 3, "Number of Conv3D-BN-ReLU blocks; channels double per block."),
+    Field("model.width", Int(1, 65536), 16, "Channels of the first Conv3D block."),
+    Field("model.depth", Int(1, 64), 3, "Number of Conv3D-BN-ReLU blocks; channels double per block."),
     Field("model.bn", Choice(("sync", "local", "none")), "sync",
           "Batch norm: sync = exact statistics over all ranks, local = per-rank Keras BN, none = no BN."),
     Field("model.momentum", Float(0, 1, min_open=True, max_open=True), 0.9, "BN moving-average momentum."),
     # data
-    Field("data.frames", Int(min=2), 8, "Frames per clip."),
-    Field("data.height", Int(min=8), 32, "Frame height in pixels."),
-    Field("data.width", Int(min=8), 32, "Frame width in pixels."),
-    Field("data.num_classes", Int(min=2), 4, "Number of classes."),
-    Field("data.train_clips", Int(min=1), 2048, "Training clips in total (split across ranks)."),
-    Field("data.eval_clips", Int(min=1), 512, "Evaluation clips in total (split across ranks)."),
-    Field("data.seed", Int(), 0, "Seed of the synthetic data set."),
+    Field("data.frames", Int(2, 65536), 8, "Frames per clip."),
+    Field("data.height", Int(8, 65536), 32, "Frame height in pixels."),
+    Field("data.width", Int(8, 65536), 32, "Frame width in pixels."),
+    Field("data.num_classes", Int(2, 65536), 4, "Number of classes."),
+    Field("data.train_clips", Int(1, 2**31 - 1), 2048, "Training clips in total (split across ranks)."),
+    Field("data.eval_clips", Int(1, 2**31 - 1), 512, "Evaluation clips in total (split across ranks)."),
+    Field("data.seed", Int(-2**63, 2**63 - 1), 0, "Seed of the synthetic data set."),
     # train
-    Field("train.batch_size", Int(min=1), 4, "Clips per rank per step (global batch = batch_size x ranks)."),
-    Field("train.epochs", Int(min=1), 3, "Training epochs."),
+    Field("train.batch_size", Int(1, 65536), 4, "Clips per rank per step (global batch = batch_size x ranks)."),
+    Field("train.epochs", Int(1, 1_000_000), 3, "Training epochs."),
     Field("train.learning_rate", Float(0, min_open=True), 0.01,
           "Per-rank base learning rate; the job scales it by the number of ranks."),
     Field("train.warmup_epochs", Float(0), 1.0, "Epochs of linear learning-rate warmup."),
     Field("train.optimizer", Choice(("sgd", "adam")), "sgd", "Optimizer."),
     Field("train.momentum", Float(0, 1, max_open=True), 0.9, "SGD momentum (adam: beta_1)."),
     Field("train.mixed_precision", Bool(), False, "Compute in float16 (mixed_float16 policy); for GPUs."),
-    Field("train.seed", Int(), 0, "Seed for weights and shuffling."),
-    Field("train.log_every", Int(min=1), 10, "Log metrics every this many steps."),
-    Field("train.checkpoint_every", Int(min=1), 1, "Write a checkpoint every this many epochs."),
+    Field("train.seed", Int(0, 2**32 - 1), 0, "Seed for weights and shuffling."),
+    Field("train.log_every", Int(1, 2**31 - 1), 10, "Log metrics every this many steps."),
+    Field("train.checkpoint_every", Int(1, 1_000_000), 1, "Write a checkpoint every this many epochs."),
     # run
     Field("run.dir", Text("path"), "runs/demo",
           "Run directory (checkpoints, logs); relative to the current directory."),
@@ -386,7 +437,7 @@ FIELDS: tuple[Field, ...] = (
     Field("launcher.backend", Choice(("horovodrun", "mpirun")), "horovodrun", "Program that starts the ranks."),
     Field("launcher.controller", Choice(("gloo", "mpi")), "gloo",
           "Horovod controller: horovodrun --gloo or --mpi; mpirun needs mpi."),
-    Field("launcher.num_proc", Int(min=1), 2, "Number of ranks (-np)."),
+    Field("launcher.num_proc", Int(1, 65536), 2, "Number of ranks (-np)."),
     Field("launcher.hosts", Hosts(), None, "Hosts and slots (-H); null = localhost:num_proc."),
     Field("launcher.hostfile", Text("path"), None,
           "Host file, one 'host slots=N' per line (horovodrun --hostfile, mpirun -hostfile)."),

@@ -412,3 +412,85 @@ def test_kubernetes_names_are_checked(tmp_path, capsys, key, value):
 def test_emitted_yaml_has_no_aliases(tmp_path, capsys):
     text = emit_text(capsys, str(write(tmp_path, MULTI_NODE)), "--emit", "k8s-mpijob")
     assert not re.search(r"[&*]id\d+", text)
+
+
+# --- injection: what an attacker would put on the command line or in the config ---------
+
+SHELL_PAYLOAD = "x\ntouch pwned #"
+POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: pwned}\nspec: {containers: [{name: c, image: evil}]}"
+
+
+def run_in_sandbox(script: Path, record: Path, sandbox: Path) -> subprocess.CompletedProcess:
+    """bash `script` in an empty directory with scontrol, srun and python stubbed
+    (the `fakes` fixture), so whatever it runs happens there and is recorded."""
+    sandbox.mkdir()
+    env = dict(os.environ, SLURM_JOB_NODELIST="gpu-node[01-02]")
+    return subprocess.run(["bash", str(script)], cwd=sandbox, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["slurm", "k8s-mpijob"])
+@pytest.mark.parametrize("override", [f"run.dir={SHELL_PAYLOAD}", f"run.dir={POD}",
+                                      "slurm.partition=gpu\r\n#SBATCH --qos=top", "run.dir=a\u2028b",
+                                      "launcher.env.X=\x1b[2J"])
+def test_control_characters_in_an_override_are_refused_and_nothing_is_written(tmp_path, capsys, kind, override):
+    path = write(tmp_path, "cluster: {image: reg.example/dist-bn:gpu}")
+    out = tmp_path / "job.out"
+    err = emit_error(capsys, str(path), override, "--emit", kind, "--output", str(out))
+    assert "command line: " in err and "an override must be one printable line" in err
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("text", [
+    'run: {dir: "x\\ntouch pwned #"}',
+    "run:\n  dir: |\n    " + POD.replace("\n", "\n    "),
+    'slurm: {setup: ["module load x\\n#SBATCH --qos=top"]}',
+    'launcher: {env: {A: "1\\u0085B=2"}}',
+    'cluster: {image: "img\\rx"}',
+])
+def test_control_characters_in_config_strings_are_refused(tmp_path, capsys, text):
+    path = write(tmp_path, text)
+    err = emit_error(capsys, str(path), "--emit", "slurm")
+    assert "must be printable text on one line" in err
+
+
+def test_slurm_header_and_arguments_cannot_become_commands(tmp_path, capsys, fakes):
+    """Arguments that are not config values (dist-bn-verify's, after --) reach
+    the script's header comment and its command line: escaped in the comment,
+    quoted on the command line. Run for real, the script creates nothing."""
+    _, record = fakes
+    path = write(tmp_path, "")
+    out = tmp_path / "verify.sbatch"
+    assert main(["verify", str(path), "launcher.python=python", "--emit", "slurm", "--output", str(out),
+                 "--", SHELL_PAYLOAD, "$(touch pwned2)", "`touch pwned3`"]) == 0
+    capsys.readouterr()
+    text = out.read_text()
+    header = text.splitlines()[1]
+    assert header.startswith("# dist-bn-verify as a Slurm batch script") and "x\\ntouch pwned #" in header
+    assert "\ntouch pwned" not in text.split("exec ", 1)[0]  # no line of the script starts with the payload
+    result = run_in_sandbox(out, record, tmp_path / "sandbox")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "sandbox")) == [] and not list(tmp_path.glob("pwned*"))
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c["name"] for c in calls] == ["python"]
+    assert calls[0]["argv"][-4:] == ["--", SHELL_PAYLOAD, "$(touch pwned2)", "`touch pwned3`"]
+
+
+def test_mpijob_header_and_arguments_cannot_add_objects(tmp_path, capsys):
+    path = write(tmp_path, "cluster: {image: reg.example/dist-bn:gpu}")
+    out = tmp_path / "mpijob.yaml"
+    assert main(["verify", str(path), "--emit", "k8s-mpijob", "--output", str(out), "--", "\n---\n" + POD]) == 0
+    capsys.readouterr()
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "MPIJob"]
+    launcher = docs[1]["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    assert launcher["args"][-1] == "\n---\n" + POD  # one argument, as given
+
+
+def test_a_working_directory_with_a_newline_is_refused(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, "")
+    odd = tmp_path / "a\nb"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    err = emit_error(capsys, str(path), "--emit", "slurm")
+    assert "--chdir: the directory" in err and "control character" in err

@@ -31,11 +31,19 @@ with open(out + ".json", "w") as f:
     json.dump({{"argv": sys.argv, "pid": os.getpid(), "env": dict(os.environ),
                "own_session": os.getsid(0) == os.getpid(),
                "stdin_is_devnull": os.path.samefile("/proc/self/fd/0", os.devnull)}}, f)
+if os.environ.get("FAKE_MODE") == "rank_error":
+    # Like horovodrun when a rank printed its one-line error and exited 2:
+    # the rank records its code, horovodrun exits 1 with a traceback of its own.
+    with open(os.path.join(os.environ["DIST_BN_EXIT_STATUS_DIR"], "rank-0"), "w") as f:
+        f.write("2\\n")
+    print("[0]<stderr>:dist_bn.training: error: run.dir: the rank's one line", file=sys.stderr)
+    print("Traceback (most recent call last):\\n  File horovodrun\\nRuntimeError: Horovod detected", file=sys.stderr)
+    sys.exit(1)
 if os.environ.get("FAKE_MODE") == "sleep":
     def stop(signum, frame):
         with open(out + ".signals", "a") as f:
             f.write(f"{{signum}}\\n")
-        sys.exit(128 + signum)
+        sys.exit(int(os.environ.get("FAKE_SIGNAL_CODE", 128 + signum)))
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     open(out + ".ready", "w").close()
@@ -90,7 +98,7 @@ def test_out_of_range_message_format(tmp_path, fake, capsys):
     path = write(tmp_path, "launcher:\n  num_proc: -2\n")
     code, out, err = run_main(capsys, str(path))
     assert (code, out) == (2, "")
-    assert err == f"{PROG}: error: {path}: launcher.num_proc: must be an integer >= 1, got -2\n"
+    assert err == f"{PROG}: error: {path}: launcher.num_proc: must be an integer from 1 to 65536, got -2\n"
 
 
 @pytest.mark.parametrize("text, overrides, expected", [
@@ -99,11 +107,11 @@ def test_out_of_range_message_format(tmp_path, fake, capsys):
     ("[1, 2]\n", [], "run.yaml: the top level must be a mapping of sections"),
     ("train: {batchsize: 2}\n", [], "run.yaml: train.batchsize: unknown key (did you mean train.batch_size?); "
                                     "allowed keys in train: batch_size, "),
-    ("train: {batch_size: two}\n", [], "run.yaml: train.batch_size: must be an integer >= 1, got 'two'"),
+    ("train: {batch_size: two}\n", [], "run.yaml: train.batch_size: must be an integer from 1 to 65536, got 'two'"),
     ("model: {bn: batch}\n", [], "run.yaml: model.bn: must be one of sync, local, none; got 'batch'"),
     ("", ["epochs"], "command line: 'epochs': not a key=value override"),
     ("", ["train.epoch=2"], "command line: train.epoch: unknown key (did you mean train.epochs?)"),
-    ("", ["launcher.num_proc=-2"], "command line: launcher.num_proc: must be an integer >= 1, got -2"),
+    ("", ["launcher.num_proc=-2"], "command line: launcher.num_proc: must be an integer from 1 to 65536, got -2"),
     ("launcher: {backend: mpirun}\n", [], "launcher.controller: gloo needs launcher.backend: horovodrun; mpirun "
                                           "always starts Horovod's MPI controller"),
     ("launcher: {hosts: 'a:1', num_proc: 2}\n", [], "run.yaml: launcher.hosts: slots add up to 1 but "
@@ -137,6 +145,14 @@ def test_horovodrun_hostfile_must_be_in_its_format(tmp_path, fake, capsys):
                                       "'hostname slots=N' on every line, no blank or comment lines; got ''")
 
 
+@pytest.mark.parametrize("backend", ["horovodrun", "mpirun"])
+def test_hostfile_host_names_are_checked(tmp_path, fake, capsys, backend):
+    (tmp_path / "hosts").write_text("node1 slots=2\n$(reboot) slots=2\n")
+    path = write(tmp_path, f"launcher: {{backend: {backend}, controller: mpi, hostfile: hosts, num_proc: 2}}\n")
+    assert_error(capsys, [str(path), "--dry-run"],
+                 f"launcher.hostfile: {tmp_path}/hosts line 2: host '$(reboot)' is not a host name")
+
+
 def test_mpirun_hostfile_may_have_comments(tmp_path, fake, capsys):
     (tmp_path / "hosts").write_text("a slots=2\n\n# spare\nb slots=2  # second\n")
     path = write(tmp_path, "launcher: {backend: mpirun, controller: mpi, hostfile: hosts, num_proc: 4}\n")
@@ -153,6 +169,7 @@ class TestRunDir:
     @pytest.fixture
     def used(self, tmp_path):
         (tmp_path / "runs" / "demo").mkdir(parents=True)
+        (tmp_path / "runs" / "demo" / ".dist_bn-run").write_text("{}")  # the job's marker
         (tmp_path / "runs" / "demo" / "checkpoint").write_text("x")
         return tmp_path / "runs" / "demo"
 
@@ -173,6 +190,30 @@ class TestRunDir:
         (tmp_path / "runs" / "demo").mkdir(parents=True)
         code, _, _ = run_main(capsys, str(write(tmp_path, "")), "--dry-run")
         assert code == 0
+
+    @pytest.mark.parametrize("flag", ["run.resume=true", "run.overwrite=true"])
+    def test_a_directory_the_job_did_not_make_is_refused(self, tmp_path, fake, capsys, flag):
+        foreign = tmp_path / "src"
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+        assert_error(capsys, [str(write(tmp_path, "")), f"run.dir={foreign}", flag, "--dry-run"],
+                     f"run.dir: {foreign} is not empty and has no .dist_bn-run marker")
+        assert sorted(os.listdir(foreign)) == ["notes.txt"]
+
+    @pytest.mark.parametrize("target, message", [
+        ("/etc", "/etc is in the system directory /etc, never a run directory"),
+        ("/usr/local/runs", "/usr/local/runs is in the system directory /usr"),
+        ("/", "/ is a system directory, never a run directory"),
+        ("'~'", "is the home directory, never a run directory"),
+    ])
+    @pytest.mark.parametrize("flag", ["run.resume=true", "run.overwrite=true", "run.tensorboard=true"])
+    def test_system_and_home_directories_are_always_refused(self, tmp_path, fake, capsys, target, message, flag):
+        assert_error(capsys, [str(write(tmp_path, "")), f"run.dir={target}", flag, "--dry-run"], message)
+
+    def test_symlinks_are_resolved_first(self, tmp_path, fake, capsys):
+        (tmp_path / "innocent").symlink_to("/etc")
+        assert_error(capsys, [str(write(tmp_path, "")), "run.dir=innocent", "run.overwrite=true", "--dry-run"],
+                     "run.dir: /etc is in the system directory /etc")
 
     def test_file_in_the_way(self, tmp_path, fake, capsys):
         (tmp_path / "runs").mkdir()
@@ -222,7 +263,7 @@ def test_errors_print_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch", str(path)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr == f"{PROG}: error: {path}: launcher.num_proc: must be an integer >= 1, got 0\n"
+    assert result.stderr == f"{PROG}: error: {path}: launcher.num_proc: must be an integer from 1 to 65536, got 0\n"
 
 
 # --- dry run ---------------------------------------------------------------------
@@ -309,10 +350,10 @@ def test_signal_handlers_are_restored(tmp_path, fake, capsys):
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def start_sleeping_job(tmp_path: Path, fake: Path) -> subprocess.Popen:
+def start_sleeping_job(tmp_path: Path, fake: Path, **extra_env: str) -> subprocess.Popen:
     """`python -m launch` over a fake launcher that sleeps until signalled."""
     path = write(tmp_path, "")
-    env = {**os.environ, "FAKE_MODE": "sleep", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "FAKE_MODE": "sleep", "PYTHONPATH": str(REPO), **extra_env}
     job = subprocess.Popen([sys.executable, "-m", "launch", str(path)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -338,3 +379,45 @@ def test_child_killed_by_a_signal_gives_128_plus_n(tmp_path, fake):
     os.kill(record(fake)["pid"], signal.SIGKILL)
     job.communicate(timeout=30)
     assert job.returncode == 128 + signal.SIGKILL
+
+
+def test_a_signal_gives_128_plus_n_even_when_horovodrun_says_1(tmp_path, fake):
+    """horovodrun exits 1 when it stops the ranks for a SIGTERM or SIGINT."""
+    job = start_sleeping_job(tmp_path, fake, FAKE_SIGNAL_CODE="1")
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=30)
+    assert job.returncode == 128 + signal.SIGTERM
+
+
+def test_the_ranks_exit_code_passes_through_horovodrun(tmp_path, fake, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "rank_error")
+    code, _, err = run_main(capsys, str(write(tmp_path, "")))
+    assert code == 2
+    assert "[0]<stderr>:dist_bn.training: error: run.dir: the rank's one line\n" in err
+    assert "Traceback" not in err and "RuntimeError" not in err
+
+
+def test_horovodruns_own_traceback_is_kept_when_no_rank_said_why(tmp_path, fake, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "rank_error")
+    monkeypatch.setenv("FAKE_OUT", str(fake))
+    real = fake.parent / "bin" / "horovodrun"
+    real.write_text(real.read_text().replace('"rank-0"', '"not-a-rank"'))
+    code, _, err = run_main(capsys, str(write(tmp_path, "")))
+    assert code == 1 and "Traceback (most recent call last):" in err and "RuntimeError" in err
+
+
+def test_the_child_dies_with_a_killed_launcher(tmp_path, fake):
+    """SIGKILL gives the launcher no chance to forward anything: the kernel's
+    parent-death signal stops horovodrun/mpirun (which then stop the ranks)."""
+    job = start_sleeping_job(tmp_path, fake)
+    child = record(fake)["pid"]
+    job.kill()
+    job.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while not Path(f"{fake}.signals").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert Path(f"{fake}.signals").read_text() == f"{int(signal.SIGTERM)}\n"
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import json
+
 import pytest
 
 from launch.config import ConfigError, format_override, load_config, parse_override
@@ -142,7 +144,7 @@ def test_override_can_fix_a_bad_file_value(tmp_path):
     ("train=3", "command line: train: is a section; override one key at a time, e.g. train.batch_size=..."),
     ("train.epochs.x=1", "command line: train.epochs.x: train.epochs has no sub-keys; write train.epochs=VALUE"),
     ("train.epochs=[1", "command line: train.epochs: value '[1' is not valid YAML: line 1"),
-    ("train.epochs=three", "command line: train.epochs: must be an integer >= 1, got 'three'"),
+    ("train.epochs=three", "command line: train.epochs: must be an integer from 1 to 1000000, got 'three'"),
     ("launcher.env.1X=a", "command line: launcher.env: '1X' is not a valid environment variable name"),
 ])
 def test_bad_overrides(tmp_path, override, expected):
@@ -215,11 +217,11 @@ def test_section_must_be_a_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("launcher: {num_proc: -2}", "launcher.num_proc: must be an integer >= 1, got -2"),
-    ("launcher: {num_proc: 2.5}", "launcher.num_proc: must be an integer >= 1, got 2.5"),
-    ("launcher: {num_proc: true}", "launcher.num_proc: must be an integer >= 1, got true"),
-    ("launcher: {num_proc: null}", "launcher.num_proc: must be an integer >= 1, got null"),
-    ("train: {batch_size: four}", "train.batch_size: must be an integer >= 1, got 'four'"),
+    ("launcher: {num_proc: -2}", "launcher.num_proc: must be an integer from 1 to 65536, got -2"),
+    ("launcher: {num_proc: 2.5}", "launcher.num_proc: must be an integer from 1 to 65536, got 2.5"),
+    ("launcher: {num_proc: true}", "launcher.num_proc: must be an integer from 1 to 65536, got true"),
+    ("launcher: {num_proc: null}", "launcher.num_proc: must be an integer from 1 to 65536, got null"),
+    ("train: {batch_size: four}", "train.batch_size: must be an integer from 1 to 65536, got 'four'"),
     ("launcher: {ssh_port: 70000}", "launcher.ssh_port: must be an integer from 1 to 65535, got 70000"),
     ("model: {momentum: 1.0}", "model.momentum: must be a number in (0, 1), got 1"),
     ("model: {momentum: 0}", "model.momentum: must be a number in (0, 1), got 0"),
@@ -228,7 +230,14 @@ def test_section_must_be_a_mapping(tmp_path):
     ("train: {learning_rate: fast}", "train.learning_rate: must be a number > 0, got 'fast'"),
     ("train: {warmup_epochs: -0.5}", "train.warmup_epochs: must be a number >= 0, got -0.5"),
     ("train: {learning_rate: .nan}", "train.learning_rate: must be a number > 0, got nan"),
-    ("data: {height: 4}", "data.height: must be an integer >= 8, got 4"),
+    ("data: {height: 4}", "data.height: must be an integer from 8 to 65536, got 4"),
+    ("data: {height: 1000000000}", "data.height: must be an integer from 8 to 65536, got 1000000000"),
+    ("train: {epochs: 1000000000000000000000000000000}",
+     "train.epochs: must be an integer from 1 to 1000000, got 1000000000000000000000000000000"),
+    ("train: {epochs: 1e30}", "train.epochs: must be an integer from 1 to 1000000, got '1e30'"),
+    ("launcher: {num_proc: 100000000000000000000}",
+     "launcher.num_proc: must be an integer from 1 to 65536, got 100000000000000000000"),
+    ("train: {seed: -1}", "train.seed: must be an integer from 0 to 4294967295, got -1"),
     ("run: {resume: maybe}", "run.resume: must be true or false, got 'maybe'"),
     ("run: {dir: ''}", "run.dir: must be a non-empty string, got ''"),
     ("model: {bn: synk}", "model.bn: must be one of sync, local, none; got 'synk' (did you mean sync?)"),
@@ -253,6 +262,18 @@ def test_section_must_be_a_mapping(tmp_path):
 def test_type_range_and_enum_errors(tmp_path, text, expected):
     path = write(tmp_path, text)
     assert error_of(path) == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize("hosts", ["a;reboot:2", "$(reboot):2", "`id`:2", "-oProxyCommand=x:2", "a.b..c:2",
+                                   "node1:2,b&c:2", "x-:2", "a/b:2"])
+def test_host_names_are_checked(tmp_path, hosts):
+    message = error_of(write(tmp_path, ""), [f"launcher.hosts={json.dumps(hosts)}"])
+    assert message.startswith("command line: launcher.hosts: entry ") and "is not a host name or IPv4" in message
+
+
+@pytest.mark.parametrize("hosts", ["node1:2", "gpu-node01.cluster.example:8", "10.0.0.7:4", "n_1:1,N2:1"])
+def test_ordinary_host_names_pass(tmp_path, hosts):
+    assert load_config(write(tmp_path, ""), [f"launcher.hosts={hosts}"])["launcher"]["hosts"] == hosts
 
 
 @pytest.mark.parametrize("text, expected", [

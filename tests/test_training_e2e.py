@@ -26,13 +26,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+
+from dist_bn.training.checkpoint import checkpoint_problem
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
@@ -53,13 +57,18 @@ pytestmark = pytest.mark.skipif(
     reason="needs mpirun and horovodrun (scripts/bootstrap.sh)")
 
 
-def launch(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launcher_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "OMPI_", "PMIX_"))}
     env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch(workdir: Path, *overrides: str, expect: int | None = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "launch", str(workdir / "tiny.yaml"), *overrides],
-                          cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          cwd=workdir, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
                           stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -123,9 +132,14 @@ def test_mpirun_two_ranks(one_epoch):
 
 
 def test_resume_gives_the_uninterrupted_result(one_epoch, uninterrupted):
+    """Also without TensorFlow's `checkpoint` state file, which used to make
+    run.resume start from scratch and overwrite ckpt-1: the checkpoint is
+    found from its files."""
     workdir, _, _, _ = one_epoch
+    (workdir / "run" / "checkpoints" / "checkpoint").unlink()
     proc = launch(workdir, *MPIRUN, "train.epochs=2", "run.resume=true")
     assert "resumed from" in proc.stdout and "(epoch 1 done)" in proc.stdout
+    assert "run.resume: the checkpoint state file is missing" in proc.stderr
     resumed, expected = metrics(workdir / "run"), uninterrupted[2]
     assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == 2
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]  # the first session's epoch is kept
@@ -173,4 +187,87 @@ def test_mixed_precision_without_gpu_is_refused(tmp_path):
     proc = single_process(tmp_path, "train.mixed_precision=true")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dist_bn.training: error: train.mixed_precision: float16 compute needs a GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- faults injected for real ------------------------------------------------------------
+
+
+def rank_processes(run_dir: Path) -> list[int]:
+    """Processes of the training job for `run_dir` (their command line names it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dist_bn.training" in argv and any(str(run_dir).encode() in arg for arg in argv):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("backend", ["horovodrun", "mpirun"])
+def test_ranks_die_with_a_killed_launcher(tmp_path, backend):
+    """SIGKILL of dist-bn-launch once the ranks are running: no rank survives
+    it (they used to be re-parented to init and train on)."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    run_dir = tmp_path / "run"
+    overrides = ["train.epochs=1000", *(MPIRUN if backend == "mpirun" else [])]
+    with open(tmp_path / "launcher.err", "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "launch", str(tmp_path / "tiny.yaml"), *overrides],
+                                    cwd=tmp_path, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                    stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (run_dir / "train.log").exists() or len(rank_processes(run_dir)) < 2:  # both ranks started
+            assert launcher.poll() is None, (tmp_path / "launcher.err").read_text()
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.2)
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while rank_processes(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rank_processes(run_dir) == [], "ranks outlived the launcher"
+    finally:
+        for pid in rank_processes(run_dir):
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 48 KiB tmpfs: room for the run directory, one checkpoint and a little
+    more, so the run fills it while it trains (root only)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_ends_the_run_with_one_line(tmp_path, full_disk):
+    """2 ranks under horovodrun write into a disk that fills up while they
+    train: exit 1 and one error line from the job (no traceback of any rank
+    or of horovodrun), no partial files, and the last checkpoint intact."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = launch(tmp_path, f"run.dir={full_disk}/run", "train.epochs=5", expect=1)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0], proc.stderr[-3000:]
+    assert errors[0].startswith("[0]<stderr>:dist_bn.training: error: cannot write ")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    leftovers = [p for p in full_disk.rglob("*") if p.name.endswith((".tmp", "_temp")) or "_temp" in p.name]
+    assert leftovers == []
+    latest = tf.train.latest_checkpoint(str(full_disk / "run" / "checkpoints"))
+    assert latest is not None and checkpoint_problem(latest) is None
+
+
+def test_a_config_that_cannot_fit_in_memory_fails_fast(tmp_path):
+    proc = single_process(tmp_path, "data.height=65536", "data.width=65536")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "a rank would need about " in proc.stderr and "GiB is available" in proc.stderr
     assert "Traceback" not in proc.stderr

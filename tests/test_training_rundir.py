@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_bn.training.rundir import (RunDirError, aside_name, load_saved_config, prepare_run_dir,
+from dist_bn.training.rundir import (MARKER_FILE, RunDirError, aside_name, load_saved_config, prepare_run_dir,
                                      resume_conflicts, save_config)
 from launch.config import load_config
 
@@ -24,7 +24,9 @@ NOW = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
 
 
 def earlier_run(path: Path) -> Path:
+    """A directory as the job leaves it: its marker and some output."""
     path.mkdir(parents=True)
+    prepare_run_dir(path, resume=False, overwrite=False)
     (path / "metrics.json").write_text("{}")
     return path
 
@@ -57,7 +59,7 @@ def test_overwrite_moves_the_earlier_run_aside(tmp_path):
     moved = prepare_run_dir(run, resume=False, overwrite=True, now=NOW)
     assert moved == tmp_path / "run.old-20260102-030405"
     assert (moved / "metrics.json").read_text() == "{}"  # nothing lost
-    assert run.is_dir() and not any(run.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == [MARKER_FILE]  # a fresh run directory
 
 
 def test_overwrite_never_reuses_an_aside_name(tmp_path):
@@ -82,6 +84,52 @@ def test_refuses_a_file_and_resume_with_overwrite(tmp_path):
         prepare_run_dir(tmp_path / "file", resume=True, overwrite=False)
     with pytest.raises(RunDirError, match="pick one"):
         prepare_run_dir(tmp_path / "x", resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("resume, overwrite", [(True, False), (False, True)])
+def test_a_directory_the_job_did_not_make_is_never_continued_or_renamed(tmp_path, resume, overwrite):
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("mine: 1\n")
+    with pytest.raises(RunDirError, match="has no .dist_bn-run marker"):
+        prepare_run_dir(foreign, resume=resume, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.yaml"]
+
+
+def test_system_directories_are_refused_through_symlinks(tmp_path):
+    (tmp_path / "link").symlink_to("/etc")
+    for resume, overwrite in ((True, False), (False, True), (False, False)):
+        with pytest.raises(RunDirError, match="/etc is in the system directory /etc"):
+            prepare_run_dir(tmp_path / "link", resume=resume, overwrite=overwrite)
+    with pytest.raises(RunDirError, match="is the home directory"):
+        prepare_run_dir(os.path.expanduser("~"), resume=True, overwrite=False)
+    assert (tmp_path / "link").resolve() == Path("/etc") and not Path("/etc", MARKER_FILE).exists()
+
+
+def test_a_symlinked_run_dir_is_used_where_it_points(tmp_path):
+    real = earlier_run(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    moved = prepare_run_dir(tmp_path / "link", resume=False, overwrite=True, now=NOW)
+    assert moved == tmp_path / "real.old-20260102-030405" and (moved / "metrics.json").exists()
+    assert (tmp_path / "link").is_symlink() and (real / MARKER_FILE).exists()
+
+
+def test_a_run_from_before_markers_is_recognized_by_its_config(tmp_path):
+    (tmp_path / "c.yaml").write_text("")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_config(old, load_config(tmp_path / "c.yaml"))
+    assert prepare_run_dir(old, resume=True, overwrite=False) is None
+    assert (old / MARKER_FILE).exists()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"model: [unclosed\n", b"- a list\n"])
+def test_an_unreadable_saved_config_is_one_line(tmp_path, content):
+    (tmp_path / "config.yaml").write_bytes(content)
+    with pytest.raises(RunDirError) as info:
+        load_saved_config(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path / "config.yaml") in str(info.value)
 
 
 def test_saved_config_round_trip_and_resume_conflicts(tmp_path):
@@ -128,4 +176,4 @@ def test_worker_refuses_an_earlier_run_itself(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = error_lines(proc)
     assert len(lines) == 1 and "already exists and is not empty" in lines[0], proc.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in run.iterdir()) == [MARKER_FILE, "metrics.json"]

@@ -1,9 +1,11 @@
 """`python -m dist_bn.training CONFIG.yaml [key.path=value ...]`: the training job.
 
 Run it on every rank (the launcher does: `dist-bn-launch CONFIG.yaml`), or
-as a single process. Exit codes: 0 done, 2 the config or run.dir cannot be
-used (one line `dist_bn.training: error: ...`, printed by rank 0 only),
-1 anything else (with a traceback).
+as a single process. Exit codes: 0 done, 2 the config, run.dir or its
+checkpoints cannot be used, 1 the run could not write its files (a full
+disk: checkpoint, train.log, TensorBoard or metrics.json), each with one
+line `dist_bn.training: error: ...` printed by rank 0 only; 1 anything else
+(with a traceback).
 """
 from __future__ import annotations
 
@@ -23,10 +25,20 @@ def launcher_rank() -> int:
     return 0
 
 
-def error(message: str) -> int:
-    if launcher_rank() == 0:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    return 2
+USAGE_ERROR = 2
+WRITE_ERROR = 1
+
+
+def error(message: str, code: int = USAGE_ERROR) -> int:
+    """Print `message` as the job's one error line (rank 0) and return `code`,
+    which every rank also records for the launcher (see launch.runner)."""
+    from launch.runner import record_exit_status
+    from launch.schema import printable
+    rank = launcher_rank()
+    if rank == 0:
+        print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)
+    record_exit_status(rank, code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return error(str(err))
 
-    from dist_bn.training.checkpoint import ResumeError
+    from dist_bn.training.checkpoint import CheckpointError, ResumeError
     from dist_bn.training.loop import SetupError, run
+    from dist_bn.training.report import ReportError
     try:
         run(config)
     except (SetupError, ResumeError) as err:
         return error(str(err))
+    except (CheckpointError, ReportError) as err:
+        return error(str(err), WRITE_ERROR)
     return 0
 
 

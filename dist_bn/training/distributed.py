@@ -22,6 +22,7 @@ class World:
     rank: int
     size: int
     local_rank: int
+    local_size: int = 1  # ranks on this machine
 
     @property
     def is_chief(self) -> bool:
@@ -47,7 +48,7 @@ def init() -> World:
     """Start Horovod and pin this rank to GPU local_rank when there are GPUs."""
     hvd.init()
     pin_local_gpu()
-    return World(hvd.rank(), hvd.size(), hvd.local_rank())
+    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
 
 def broadcast_variables(variables: Sequence[Any], root_rank: int = 0, prefix: str = "broadcast") -> None:

@@ -37,15 +37,53 @@ import tensorflow as tf
 from dist_bn.training import data as data_lib
 from dist_bn.training import distributed
 from dist_bn.training.checkpoint import Checkpoints
-from dist_bn.training.model import build_model
+from dist_bn.training.model import build_model, training_step_bytes
 from dist_bn.training.report import Reporter, epoch_line, progress_line, read_history
-from dist_bn.training.rundir import (RunDirError, load_saved_config, prepare_run_dir, resume_conflicts,
-                                     save_config)
+from dist_bn.training.rundir import (RunDirError, load_saved_config, prepare_run_dir, resolve_run_dir,
+                                     resume_conflicts, save_config)
 from dist_bn.training.schedule import make_schedule
 
 
 class SetupError(Exception):
     """The job cannot start as configured; the message says what to change."""
+
+
+# What a rank holds besides a training step: TensorFlow, Horovod, tf.data and
+# the model's variables. One-process runs of the tests' tiny config and of
+# configs/demo.yaml peaked at 0.54 and 0.56 GB resident on CPU, nearly all this.
+RANK_BASE_BYTES = 512 * 2**20
+GIB = 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_problem(config: Mapping[str, Any], ranks_here: int, available: int | None) -> str | None:
+    """Why `ranks_here` ranks of `config` will not fit in `available` bytes
+    (estimated: `model.training_step_bytes`, the epoch's index permutation and
+    RANK_BASE_BYTES per rank), else None."""
+    if available is None:
+        return None
+    data, train = config["data"], config["train"]
+    step = training_step_bytes(config["model"], data, max(train["batch_size"], data_lib.MIN_EVAL_BATCH))
+    per_rank = RANK_BASE_BYTES + step + 8 * (data["train_clips"] + data["eval_clips"])
+    if per_rank * ranks_here <= available:
+        return None
+    return (f"data/model/train sizes: a rank would need about {per_rank / GIB:.1f} GiB "
+            f"({data['frames']}x{data['height']}x{data['width']} clips, batch {train['batch_size']}, "
+            f"model.width {config['model']['width']}, model.depth {config['model']['depth']}), x {ranks_here} "
+            f"rank(s) on this machine = {per_rank * ranks_here / GIB:.1f} GiB, but only "
+            f"{available / GIB:.1f} GiB is available; lower data.height/data.width/data.frames, "
+            "train.batch_size or model.width, or use fewer ranks per machine")
 
 
 def make_optimizer(train: Mapping[str, Any], schedule, mixed_precision: bool) -> keras.optimizers.Optimizer:
@@ -63,7 +101,7 @@ def _prepare_run_dir(config: Mapping[str, Any], world: distributed.World) -> tup
     """Rank 0 applies the run.dir policy; every rank learns the outcome, so
     they all stop together (with the same message) when it fails."""
     run = config["run"]
-    run_dir = Path(run["dir"]).expanduser().absolute()
+    run_dir = resolve_run_dir(run["dir"])
     outcome: tuple[str | None, str | None] = (None, None)
     if world.is_chief:
         try:
@@ -97,6 +135,9 @@ class Trainer:
                 f"train.batch_size: one global batch ({train['batch_size']} clips x {world.size} ranks = "
                 f"{self.global_batch}) is larger than data.train_clips ({data['train_clips']}); "
                 "lower train.batch_size or raise data.train_clips")
+        problem = memory_problem(config, world.local_size, available_memory())
+        if problem:
+            raise SetupError(problem)
         self.model = build_model(config["model"], data)
         self.schedule = make_schedule(train, world.size, self.steps)
         self.optimizer = make_optimizer(train, self.schedule, train["mixed_precision"])
@@ -196,7 +237,10 @@ def _train_and_evaluate(config, world, trainer, run_dir, moved, reporter, starte
     checkpoints = Checkpoints(run_dir, trainer.model, trainer.optimizer, world)
     done, restored = (0, None)
     if run_cfg["resume"]:
-        done, restored = checkpoints.restore_latest()
+        resumed = checkpoints.restore_latest()
+        done, restored = resumed.epoch, resumed.path
+        for note in resumed.notes:
+            reporter.warn(f"run.resume: {note}")
         if restored:
             reporter.say(f"resumed from {restored} (epoch {done} done)")
         else:

@@ -22,6 +22,12 @@ import keras
 from dist_bn import SyncBatchNormalization
 
 BN_LAYERS = {"sync": SyncBatchNormalization, "local": keras.layers.BatchNormalization}
+# Float32 copies of a block's output a training step holds at once: the
+# convolution's, BN's and ReLU's outputs kept for the backward pass, their
+# gradients, and BN's and the pooling's temporaries (measured roughly on CPU).
+TENSORS_PER_BLOCK = 8
+# Copies of a clip while it is generated and batched (tf.data prefetching).
+INPUT_COPIES = 8
 
 
 def batch_norm(kind: str, momentum: float, name: str) -> keras.layers.Layer | None:
@@ -33,6 +39,20 @@ def batch_norm(kind: str, momentum: float, name: str) -> keras.layers.Layer | No
     except KeyError:
         raise ValueError(f"model.bn must be one of sync, local, none; got {kind!r}") from None
     return layer(momentum=momentum, name=name)
+
+
+def training_step_bytes(model: Mapping[str, Any], data: Mapping[str, Any], batch_size: int) -> int:
+    """A rough estimate of the memory one training step needs on a rank: the
+    blocks' activations (`TENSORS_PER_BLOCK` float32 copies of each block's
+    output) and the generated clips, for `batch_size` clips. Used to refuse a
+    config that cannot fit before building anything (see `loop`)."""
+    height, width = data["height"], data["width"]
+    per_frame = INPUT_COPIES * height * width
+    for i in range(model["depth"]):
+        if i > 0:  # 1x2x2 max pooling, padding 'same'
+            height, width = -(-height // 2), -(-width // 2)
+        per_frame += TENSORS_PER_BLOCK * height * width * model["width"] * 2**i
+    return 4 * batch_size * data["frames"] * per_frame
 
 
 def build_model(model: Mapping[str, Any], data: Mapping[str, Any]) -> keras.Model:

@@ -8,12 +8,16 @@
 
 Every rank builds a Reporter; on the others every method does nothing, so the
 training loop calls them unconditionally. Numbers passed in are already
-global (summed over ranks by the caller).
+global (summed over ranks by the caller). A file that cannot be written
+(a full disk, a read-only mount) raises ReportError, whose message is one
+line naming the file and the reason, instead of a TensorFlow traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,33 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
 TENSORBOARD_DIR = "tensorboard"
 PREFIX = "[dist_bn]"
+
+
+class ReportError(Exception):
+    """An output file of the run could not be written; one line says which and why."""
+
+
+def error_reason(err: BaseException, limit: int = 200) -> str:
+    """Why a write failed, in one short line: an OSError's strerror, or the
+    last clause of a TensorFlow error's first line ('...; No space left on device')."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(getattr(err, "message", None) or err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)
+    first = re.sub(r"\s*\[Op:\w+\]( name: \S*)?\s*$", "", first)
+    reason = first.rsplit("; ", 1)[-1].strip() or first
+    return reason if len(reason) <= limit else reason[:limit] + " ..."
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Turn a failed write of `path` (OSError, or TensorFlow's OpError from a
+    summary writer) into a one-line ReportError."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as err:
+        raise ReportError(f"cannot write {path}: {error_reason(err)}") from None
 
 
 def progress_line(epoch: int, epochs: int, step: int, steps: int, loss: float, accuracy: float,
@@ -46,8 +77,12 @@ def epoch_line(record: Mapping[str, Any], epochs: int) -> str:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # the previous file stays whole
+        raise
 
 
 def read_history(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict]:
@@ -70,39 +105,48 @@ class Reporter:
         self._writer = None
         if not active:
             return
-        self._log = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
+        with writing(self.run_dir / LOG_FILE):
+            self._log = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
         if tensorboard:
-            self._writer = tf.summary.create_file_writer(str(self.run_dir / TENSORBOARD_DIR))
+            with writing(self.run_dir / TENSORBOARD_DIR):
+                self._writer = tf.summary.create_file_writer(str(self.run_dir / TENSORBOARD_DIR))
 
     def say(self, text: str) -> None:
         """Print a line to the screen and append it, time-stamped, to train.log."""
         if not self.active:
             return
         print(f"{PREFIX} {text}", flush=True)
-        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-        self._log.flush()
+        with writing(self.run_dir / LOG_FILE):
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            self._log.flush()
 
     def warn(self, text: str) -> None:
         if self.active:
             print(f"{PREFIX} warning: {text}", file=sys.stderr, flush=True)
-            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {text}\n")
-            self._log.flush()
+            with writing(self.run_dir / LOG_FILE):
+                self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {text}\n")
+                self._log.flush()
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """TensorBoard scalars (no-op without run.tensorboard)."""
         if self._writer is None:
             return
-        with self._writer.as_default(step=step):
-            for name, value in values.items():
-                tf.summary.scalar(name, value)
-        self._writer.flush()
+        with writing(self.run_dir / TENSORBOARD_DIR):
+            with self._writer.as_default(step=step):
+                for name, value in values.items():
+                    tf.summary.scalar(name, value)
+            self._writer.flush()
 
     def metrics(self, data: Mapping[str, Any]) -> None:
         if self.active:
-            write_json(self.run_dir / METRICS_FILE, data)
+            with writing(self.run_dir / METRICS_FILE):
+                write_json(self.run_dir / METRICS_FILE, data)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._log is not None:
-            self._log.close()
+        """Close the files; a failure to flush them is not raised again (the
+        error that stopped the run, if any, is the one to report)."""
+        writer, log, self._writer, self._log = self._writer, self._log, None, None
+        for item in (writer, log):
+            if item is not None:
+                with contextlib.suppress(OSError, tf.errors.OpError):
+                    item.close()
