@@ -181,7 +181,7 @@ def plot(results: dict, png: Path) -> bool:
     axes[0].axhline(1.0 / settings["data.num_classes"], color="gray", linewidth=1, label="chance")
     axes[0].set_ylim(0, 1.02)
     axes[0].legend(loc="lower right", fontsize=9)
-    fig.suptitle(f"Global batch of 8 clips: synchronized vs local batch norm ({settings['data.train_clips']} "
+    fig.suptitle(f"Global batch of 8 clips: synchronized vs local batch norm, and precise BN ({settings['data.train_clips']} "
                  f"training clips of {settings['data.frames']} frames x {settings['data.height']}x"
                  f"{settings['data.width']}, BN momentum {settings['model.momentum']})")
     fig.tight_layout()
