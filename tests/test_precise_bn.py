@@ -111,3 +111,42 @@ def test_callback_runs_before_validation_and_at_the_end():
     assert callback.last_counts == {"small/bn1": 16, "small/bn2": 16}
     np.testing.assert_allclose(model.get_layer("bn1").moving_mean.numpy(), x.astype(np.float64).mean(0),
                                rtol=1e-6)
+
+
+TINY_RUN = """\
+model: {width: 4, depth: 2, bn: sync, momentum: 0.9}
+data: {frames: 4, height: 16, width: 16, num_classes: 4, train_clips: 32, eval_clips: 16, seed: 0}
+train: {batch_size: 8, epochs: 2, learning_rate: 0.05, warmup_epochs: 0.5, log_every: 2, precise_bn_batches: 6}
+run: {dir: run, tensorboard: false}
+"""
+
+
+def test_training_job_checkpoints_precise_statistics(tmp_path):
+    """train.precise_bn_batches: the checkpoint holds exactly what precise_bn
+    computes from the final weights over that epoch's first batches (6 > the
+    4 steps of an epoch, so the data repeats)."""
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
+    from dist_bn.training import data as data_lib
+    from dist_bn.training.model import build_model
+    from launch.config import load_config
+
+    (tmp_path / "tiny.yaml").write_text(TINY_RUN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "OMPI_", "PMIX_"))}
+    proc = subprocess.run([sys.executable, "-m", "dist_bn.training", "tiny.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("precise BN: 2 layer(s) over 6 global batches (48 clips)") == 2, proc.stdout
+
+    config = load_config(tmp_path / "tiny.yaml")
+    model = build_model(config["model"], config["data"])
+    tf.train.Checkpoint(model=model).restore(str(tmp_path / "run" / "checkpoints" / "ckpt-2")).expect_partial()
+    saved = {v.path: v.numpy() for v in model.non_trainable_variables}
+    dist_bn.precise_bn(model, data_lib.train_dataset(config, 2, 0, 1).repeat(), 6)
+    for variable in model.non_trainable_variables:
+        np.testing.assert_allclose(variable.numpy(), saved[variable.path], rtol=1e-6, atol=1e-7,
+                                   err_msg=variable.path)
+    assert not np.allclose(saved["bn1/moving_variance"], 1.0)  # not the initial values
