@@ -24,7 +24,9 @@ mean and variance from what it saw. Here it is exact and distributed:
   restored afterwards (the training-mode forward moves the moving averages
   and random-number states); only the moving statistics change, and only
   for layers that saw at least one value. Frozen layers (trainable=False,
-  which Keras runs in inference mode) are left alone.
+  which Keras runs in inference mode) are left alone;
+- a mask reaching a layer restricts its statistics to the unmasked
+  positions, as Keras's BatchNormalization does in training.
 
 `PreciseBN` is the Keras callback; the training job's key is
 `train.precise_bn_batches`.
@@ -50,17 +52,36 @@ def _batch_inputs(batch):
     return batch
 
 
+def masked_moments(x, mask, axes):
+    """(count, mean, M2) of `x` over `axes` at the positions where `mask` is true.
+
+    As Keras's BatchNormalization: the mask has one dimension less than `x`
+    and is broadcast along the last (channel) axis. Computed in x's dtype.
+    """
+    weights = tf.cast(mask, x.dtype)
+    count = tf.reduce_sum(weights)
+    weights = tf.broadcast_to(weights[..., tf.newaxis], tf.shape(x))
+    mean = tf.math.divide_no_nan(tf.reduce_sum(weights * x, axes, keepdims=True), count)
+    m2 = tf.reduce_sum(weights * tf.math.squared_difference(x, mean), axes)
+    return count, tf.reshape(mean, [-1]), m2
+
+
 def _tap(layer, accumulator, original):
     """A stand-in for `layer.call` that adds its inputs' packed moments to `accumulator`."""
 
     def call(inputs, *args, **kwargs):
-        if kwargs.get("mask") is not None:
-            raise ValueError(
-                f"precise_bn: {layer.name} received a mask; precise BN does not support masked "
-                "batch norm yet. Feed it unmasked batches.")
         x = tf.cast(inputs, tf.float64)
         axes = moments.reduction_axes(x.shape.rank, layer.axis)
-        count, mean, m2 = moments.local_moments(x, axes)
+        mask = kwargs.get("mask")
+        if mask is None:
+            count, mean, m2 = moments.local_moments(x, axes)
+        elif layer.axis % x.shape.rank != x.shape.rank - 1 or mask.shape.rank != x.shape.rank - 1:
+            raise ValueError(
+                f"precise_bn: {layer.name} got a mask of shape {tuple(mask.shape)} for inputs of shape "
+                f"{tuple(x.shape)} on axis {layer.axis}; masks need channels last and one dimension "
+                "less than the inputs, as keras.layers.BatchNormalization requires")
+        else:
+            count, mean, m2 = masked_moments(x, mask, axes)
         accumulator.assign_add(moments.pack_moments(count, mean, m2))
         return original(inputs, *args, **kwargs)
 

@@ -150,3 +150,32 @@ def test_training_job_checkpoints_precise_statistics(tmp_path):
         np.testing.assert_allclose(variable.numpy(), saved[variable.path], rtol=1e-6, atol=1e-7,
                                    err_msg=variable.path)
     assert not np.allclose(saved["bn1/moving_variance"], 1.0)  # not the initial values
+
+
+def test_masked_positions_are_left_out():
+    """Masking -> BN -> Dense -> BN: statistics over unmasked time steps only,
+    the second layer's inputs normalized with the first one's masked moments."""
+    x = keras.Input((6, 3))
+    h = keras.layers.BatchNormalization(name="bn1")(keras.layers.Masking(0.0)(x))
+    h = keras.layers.BatchNormalization(name="bn2")(keras.layers.Dense(2, name="dense")(h))
+    model = keras.Model(x, h, name="masked")
+    batches = []
+    for n in (3, 4):
+        clips = (RNG.randn(n, 6, 3) * 2 + 4).astype(np.float32)
+        clips[:, 4:] = 0.0  # padding: masked
+        clips[0, 2:] = 0.0
+        batches.append(clips)
+    dist_bn.precise_bn(model, batches, 2)
+    kernel, bias = (w.astype(np.float64) for w in model.get_layer("dense").get_weights())
+    seen1, seen2 = [], []
+    for clips in batches:
+        rows = clips.reshape(-1, 3).astype(np.float64)
+        rows = rows[np.any(rows != 0, axis=1)]
+        seen1.append(rows)
+        normalized = (rows - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-3)
+        seen2.append(normalized @ kernel + bias)
+    for name, seen in (("bn1", seen1), ("bn2", seen2)):
+        values = np.concatenate(seen)
+        layer = model.get_layer(name)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), values.var(0), rtol=1e-5)
