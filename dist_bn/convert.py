@@ -4,7 +4,8 @@ Keras 3.8's `clone_model(recursive=True)` recurses one level only (its inner
 call drops `recursive`), so a BatchNormalization in a model inside a model
 inside a model stayed as it was, silently. `rewrite_model` does the
 recursion itself: every Sequential or functional model met at any depth is
-rebuilt from rewritten layers, a layer shared by several models stays shared,
+rebuilt from rewritten layers (the layer inside a TimeDistributed too), a
+layer shared by several models stays shared,
 and weights are copied layer by layer (not by the order of the whole model's
 weight list, which a replacement may change). Layers it cannot reach, a BN
 inside a custom layer or a subclassed model, are found by `unreachable` so
@@ -28,6 +29,10 @@ logger = logging.getLogger("dist_bn")
 def is_rebuildable(layer):
     """True for the models `rewrite_model` rebuilds: Sequential and functional."""
     return isinstance(layer, (keras.Sequential, Functional))
+
+
+def _is_time_distributed(layer):
+    return type(layer) is keras.layers.TimeDistributed
 
 
 def _sublayers(layer):
@@ -67,6 +72,10 @@ def unreachable(model, is_target):
                 continue
             if is_rebuildable(sub):
                 visit(sub, sub_path)
+                continue
+            if _is_time_distributed(sub):
+                if not is_target(sub.layer):
+                    visit(sub, sub_path)
                 continue
             hidden = [p for p, inner in walk(sub, sub_path) if is_target(inner)]
             found.extend(f"{p} (inside {type(sub).__name__} {sub_path})" for p in hidden)
@@ -119,6 +128,10 @@ def rewrite_model(model, replace, drop=(), weights=None):
             return clones[id(layer)]
         if is_rebuildable(layer):
             new = rebuild_model(layer, path)
+        elif _is_time_distributed(layer):  # the wrapped layer is rewritten like any other
+            config = layer.get_config()
+            config.pop("layer")
+            new = layer.__class__(rebuild_layer(layer.layer, f"{path}/{layer.layer.name}"), **config)
         else:
             new = replace(layer, path)
             if new is not None:

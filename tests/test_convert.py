@@ -130,3 +130,18 @@ def test_subclassed_model_is_refused():
 
     with pytest.raises(ValueError, match="cannot be reached"):
         dist_bn.convert_sync_batchnorm(Net())
+
+
+def test_a_bn_inside_time_distributed_is_converted_and_reverted():
+    x = keras.Input((4, 5, 5, 3))
+    h = keras.layers.TimeDistributed(keras.layers.Conv2D(6, 3, padding="same"))(x)
+    h = keras.layers.TimeDistributed(keras.layers.BatchNormalization(name="frame_bn"), name="per_frame")(h)
+    model = keras.Model(x, h, name="net")
+    randomize_statistics(model)
+    converted = dist_bn.convert_sync_batchnorm(model)
+    assert type(converted.get_layer("per_frame").layer) is SyncBatchNormalization
+    reverted = dist_bn.revert_sync_batchnorm(converted)
+    assert type(reverted.get_layer("per_frame").layer) is keras.layers.BatchNormalization
+    clips = RNG.randn(2, 4, 5, 5, 3).astype(np.float32)
+    np.testing.assert_allclose(converted(clips), model(clips), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reverted(clips), model(clips))
