@@ -147,6 +147,14 @@ def foldable(model):
                 visit(layer, f"{path}/{layer.name}")
 
     visit(model, model.name)
+    # Any other BN sits inside a layer (TimeDistributed, a custom layer), not in a model's graph.
+    layers = dict(convert.walk(model))
+    listed = {id(layers[path]) for path in problems if path in layers}
+    for path, layer in layers.items():
+        if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in pairs and id(layer) not in listed:
+            parent = path.rsplit("/", 1)[0]
+            problems[path] = (f"is inside {type(layers.get(parent, model)).__name__} {parent!r}, not directly in a "
+                              "Sequential or functional model")
     return pairs, problems
 
 
@@ -163,13 +171,10 @@ def fold_batchnorm(model, keep_unfoldable=False):
     they are. The numbers folded and kept are logged to the 'dist_bn'
     logger (INFO).
     """
-    is_bn = lambda layer: isinstance(layer, keras.layers.BatchNormalization)  # noqa: E731
-    hidden = convert.unreachable(model, is_bn)
     if not convert.is_rebuildable(model):
         raise ValueError(f"fold_batchnorm: {model.name!r} is a {type(model).__name__}, not a Sequential "
                          "or functional model; Keras cannot rebuild subclassed models")
     pairs, problems = foldable(model)
-    problems.update({path: "cannot be reached by rebuilding the model" for path in hidden})
     if problems and not keep_unfoldable:
         listed = "; ".join(f"{path} {why}" for path, why in problems.items())
         raise ValueError(

@@ -141,3 +141,17 @@ def test_folded_weights_formula():
     k, b = folded_weights(kernel, np.ones(4, np.float32), gamma, beta, mean, var, 1e-3)
     assert k.dtype == np.float32 and b.dtype == np.float32
     np.testing.assert_allclose(x @ k + b, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bn_inside_another_layer_is_named_not_skipped():
+    x = keras.Input((3, 4, 4, 2))
+    h = keras.layers.TimeDistributed(keras.layers.Conv2D(3, 1))(x)
+    h = keras.layers.TimeDistributed(keras.layers.BatchNormalization(name="frame_bn"), name="per_frame")(h)
+    model = keras.Model(x, h, name="net")
+    with pytest.raises(ValueError, match="net/per_frame/frame_bn is inside TimeDistributed 'net/per_frame'"):
+        dist_bn.fold_batchnorm(model)
+    randomize_statistics(model)
+    kept = dist_bn.fold_batchnorm(model, keep_unfoldable=True)
+    assert batchnorm_paths(kept) == ["net/per_frame/frame_bn"]
+    data = RNG.randn(2, 3, 4, 4, 2).astype(np.float32)
+    np.testing.assert_array_equal(kept(data), model(data, training=False))
