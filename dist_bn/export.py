@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     except (ExportError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    errors = ", ".join(f"{name} {value:.1e}" for name, value in info["max_relative_difference_vs_run_model"].items())
+    differences = info["max_relative_difference_vs_run_model"]
+    errors = ", ".join(f"{name} {value:.1e}" for name, value in differences.items())
     print(f"{PROG}: wrote {', '.join(info['files'])} to {args.out} from {info['checkpoint']}"
           f" ({'BN folded' if info['folded'] else 'BN kept'}; max relative difference vs the run's model: "
           f"{errors})")

@@ -151,10 +151,11 @@ def foldable(model):
     layers = dict(convert.walk(model))
     listed = {id(layers[path]) for path in problems if path in layers}
     for path, layer in layers.items():
-        if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in pairs and id(layer) not in listed:
+        if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in {*pairs, *listed}:
             parent = path.rsplit("/", 1)[0]
-            problems[path] = (f"is inside {type(layers.get(parent, model)).__name__} {parent!r}, not directly in a "
-                              "Sequential or functional model")
+            container = type(layers.get(parent, model)).__name__
+            problems[path] = (f"is inside {container} {parent!r}, not directly in a Sequential or "
+                              "functional model")
     return pairs, problems
 
 

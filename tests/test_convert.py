@@ -77,7 +77,8 @@ def test_convert_and_revert_at_depth_3_keep_weights(kind, caplog):
     with caplog.at_level(logging.INFO, logger="dist_bn"):
         reverted = dist_bn.revert_sync_batchnorm(converted)
     assert "revert_sync_batchnorm: reverted to BatchNormalization: 3 layer(s)" in caplog.text
-    assert [type(layer) for path, layer in walk(reverted) if path in paths] == [keras.layers.BatchNormalization] * 3
+    reverted_bns = [type(layer) for path, layer in walk(reverted) if path in paths]
+    assert reverted_bns == [keras.layers.BatchNormalization] * 3
     for key, value in weights_by_path(reverted).items():
         np.testing.assert_array_equal(value, original[key], err_msg=key)
     np.testing.assert_array_equal(reverted(x, training=False), model(x, training=False))
