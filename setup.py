@@ -50,6 +50,7 @@ setup(
             "dist-bn-launch = launch.cli:main",
             "dist-bn-bench = dist_bn.bench:main",
             "dist-bn-verify = dist_bn.verify:main",
+            "dist-bn-export = dist_bn.export:main",
         ]
     },
 )

@@ -2,16 +2,25 @@
 
 `SyncBatchNormalization` is a drop-in `keras.layers.BatchNormalization` whose
 training statistics cover the global batch of all ranks; `sync_moments` is the
-distributed `tf.nn.moments`; `convert_sync_batchnorm` converts a model.
+distributed `tf.nn.moments`; `convert_sync_batchnorm` converts a model and
+`revert_sync_batchnorm` converts it back. For inference: `precise_bn` (and
+the `PreciseBN` callback) sets exact population statistics, `fold_batchnorm`
+folds BN into the layer before it.
 """
-from dist_bn.convert import convert_sync_batchnorm
+from dist_bn.convert import convert_sync_batchnorm, revert_sync_batchnorm
+from dist_bn.folding import fold_batchnorm
 from dist_bn.ops import sync_batch_normalization, sync_moments
+from dist_bn.precise_bn import PreciseBN, precise_bn
 from dist_bn.sync_batch_normalization import SyncBatchNormalization
 
 __version__ = "0.1.0"
 __all__ = [
+    "PreciseBN",
     "SyncBatchNormalization",
     "convert_sync_batchnorm",
+    "fold_batchnorm",
+    "precise_bn",
+    "revert_sync_batchnorm",
     "sync_batch_normalization",
     "sync_moments",
 ]

@@ -427,6 +427,9 @@ FIELDS: tuple[Field, ...] = (
     Field("train.seed", Int(0, 2**32 - 1), 0, "Seed for weights and shuffling."),
     Field("train.log_every", Int(1, 2**31 - 1), 10, "Log metrics every this many steps."),
     Field("train.checkpoint_every", Int(1, 1_000_000), 1, "Write a checkpoint every this many epochs."),
+    Field("train.precise_bn_batches", Int(0, 1_000_000), 0,
+          "Precise BN: before each evaluation (so also before each checkpoint) set every BN layer's moving "
+          "statistics to the exact population statistics over this many global training batches; 0 = off."),
     # run
     Field("run.dir", Text("path"), "runs/demo",
           "Run directory (checkpoints, logs); relative to the current directory."),

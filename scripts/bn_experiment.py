@@ -1,18 +1,23 @@
 #!/usr/bin/env python
 """Does synchronized batch norm behave like one big batch? A small experiment.
 
-Trains the same model on the same data three times, with the same global
+Trains the same model on the same data four times, with the same global
 batch of 8 clips per step and the same learning rate:
 
   sync    4 ranks x 2 clips, model.bn: sync   (statistics over all 8 clips)
   local   4 ranks x 2 clips, model.bn: local  (statistics over each rank's 2)
   single  1 process x 8 clips, model.bn: sync (= plain Keras BN on 8 clips)
+  precise as sync, plus precise BN (train.precise_bn_batches = PRECISE_BN_BATCHES)
+          before every evaluation: the moving statistics replaced by the
+          exact population statistics of that many global batches
 
 The training job's data sharding gives every step the same 8 clips whatever
 the number of ranks, so `sync` computes what `single` computes (up to float
 rounding) and should track it epoch by epoch. `local` normalizes with
 statistics of 2 clips: noisy, and not what inference uses (the moving
-averages), so it should not.
+averages), so it should not. `precise` shows how much of the epoch-to-epoch
+swing of held-out accuracy comes from noisy moving averages: the summary
+gives every run's held-out accuracy per epoch and its minimum from epoch 3 on.
 
 Each run goes through the launcher (`python -m launch configs/demo.yaml
 OVERRIDES`) with small settings (EXPERIMENT below); the per-epoch history
@@ -64,6 +69,11 @@ EXPERIMENT = {  # overrides on top of configs/demo.yaml, the same for every run
 }
 
 
+# Precise BN's global batches: half an epoch of the 512 training clips.
+PRECISE_BN_BATCHES = 32
+# The summary's "minimum from epoch MIN_FROM_EPOCH on" skips the warmup epochs.
+MIN_FROM_EPOCH = 3
+
 PER_RUN_KEYS = ("model.bn", "launcher.num_proc", "train.batch_size", "train.learning_rate", "train.epochs",
                 "run.dir")
 
@@ -76,19 +86,23 @@ class Variant:
     batch_size: int
     bn: str
     style: str  # matplotlib line style
+    precise_bn_batches: int = 0
 
 
 VARIANTS = (
     Variant("sync", "sync BN, 4 ranks x 2 clips", 4, 2, "sync", "-"),
     Variant("local", "local BN, 4 ranks x 2 clips", 4, 2, "local", "--"),
     Variant("single", "1 process x 8 clips (plain BN)", 1, 8, "sync", ":"),
+    Variant("precise", f"sync BN + precise BN ({PRECISE_BN_BATCHES} batches), 4 ranks x 2", 4, 2, "sync", "-.",
+            PRECISE_BN_BATCHES),
 )
 
 
 def overrides(variant: Variant, epochs: int, run_dir: Path, extra: dict | None = None) -> list[str]:
     settings = {**EXPERIMENT, **(extra or {}), "train.epochs": epochs, "model.bn": variant.bn,
                 "launcher.num_proc": variant.ranks, "train.batch_size": variant.batch_size,
-                "train.learning_rate": PEAK_LR / variant.ranks, "run.dir": str(run_dir)}
+                "train.learning_rate": PEAK_LR / variant.ranks, "run.dir": str(run_dir),
+                "train.precise_bn_batches": variant.precise_bn_batches}
     args = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
     if variant.ranks == 1:  # a lone process may use both cores
         args += ['launcher.env.TF_NUM_INTRAOP_THREADS="2"']
@@ -116,16 +130,23 @@ def run_variant(variant: Variant, epochs: int, runs_dir: Path, extra: dict | Non
     print(f"[bn_experiment] {variant.name}: eval accuracy {metrics['eval_accuracy']:.3f} "
           f"after {metrics['epochs']} epochs, {wall:.0f}s", flush=True)
     return {"label": variant.label, "ranks": variant.ranks, "batch_size_per_rank": variant.batch_size,
-            "bn": variant.bn, "launch_wall_time_s": round(wall, 1),
+            "bn": variant.bn, "precise_bn_batches": variant.precise_bn_batches, "launch_wall_time_s": round(wall, 1),
             "final": {k: metrics[k] for k in ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy")},
             "history": [{k: r[k] for k in ("epoch", "train_loss", "train_accuracy", "eval_loss",
                                            "eval_accuracy")} for r in metrics["history"]]}
 
 
 def summarize(runs: dict) -> dict:
-    """How far sync and local are from the single-process run, epoch by epoch."""
+    """How far sync and local are from the single-process run, epoch by epoch;
+    and every run's held-out accuracy per epoch, with its minimum from epoch
+    MIN_FROM_EPOCH on."""
     single = runs["single"]["history"]
     summary = {}
+    for name, run in runs.items():
+        accuracy = [r["eval_accuracy"] for r in run["history"]]
+        late = [r["eval_accuracy"] for r in run["history"] if r["epoch"] >= MIN_FROM_EPOCH]
+        summary[f"{name}_eval_accuracy"] = {"per_epoch": accuracy,
+                                            f"min_from_epoch_{MIN_FROM_EPOCH}": min(late) if late else None}
     for name in ("sync", "local"):
         history = runs[name]["history"]
         gaps = [abs(a["eval_accuracy"] - b["eval_accuracy"]) for a, b in zip(history, single)]
@@ -160,7 +181,7 @@ def plot(results: dict, png: Path) -> bool:
     axes[0].axhline(1.0 / settings["data.num_classes"], color="gray", linewidth=1, label="chance")
     axes[0].set_ylim(0, 1.02)
     axes[0].legend(loc="lower right", fontsize=9)
-    fig.suptitle(f"Global batch of 8 clips: synchronized vs local batch norm ({settings['data.train_clips']} "
+    fig.suptitle(f"Global batch of 8 clips: synchronized vs local batch norm, and precise BN ({settings['data.train_clips']} "
                  f"training clips of {settings['data.frames']} frames x {settings['data.height']}x"
                  f"{settings['data.width']}, BN momentum {settings['model.momentum']})")
     fig.tight_layout()
@@ -175,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bn_experiment",
                         help="output prefix: writes PREFIX.json and PREFIX.png (default docs/bn_experiment)")
     parser.add_argument("--runs-dir", type=Path, default=None,
-                        help="keep the three run directories and logs here (default: a temporary "
+                        help="keep the run directories and logs here (default: a temporary "
                              "directory, removed at the end)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a shared setting, e.g. --set model.momentum=0.99 (repeatable; "
                              "not the per-run keys bn, ranks, batch size, learning rate, run.dir)")
+    parser.add_argument("--only", action="append", choices=[v.name for v in VARIANTS], default=None,
+                        help="run only these variants (repeatable); the others' results are kept from "
+                             "PREFIX.json")
     parser.add_argument("--plot-only", action="store_true", help="re-plot PREFIX.json, run nothing")
     args = parser.parse_args(argv)
     extra = {}
@@ -199,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
             if any(runs_dir.iterdir()) and args.runs_dir is not None:
                 parser.error(f"--runs-dir {runs_dir} is not empty; give a new or empty directory")
             start = time.perf_counter()
-            runs = {v.name: run_variant(v, args.epochs, runs_dir, extra) for v in VARIANTS}
+            previous = json.loads(json_path.read_text(encoding="utf-8"))["runs"] if args.only else {}
+            runs = {v.name: run_variant(v, args.epochs, runs_dir, extra) if not args.only or v.name in args.only
+                    else previous[v.name] for v in VARIANTS}
             settings = {**EXPERIMENT, **extra, "train.epochs": args.epochs}
             settings.pop("train.log_every", None)
             settings.update({"peak_learning_rate": PEAK_LR, "global_batch": 8, "data.num_classes": 4,
-                             "base_config": str(BASE_CONFIG.relative_to(REPO))})
+                             "base_config": str(BASE_CONFIG.relative_to(REPO)),
+                             "precise_bn_batches": PRECISE_BN_BATCHES})
             results = {"settings": settings, "runs": runs, "summary": summarize(runs),
                        "total_wall_time_s": round(time.perf_counter() - start, 1)}
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    for r in rows))
     print("(acc = eval accuracy, loss = train loss)")
     for name, gaps in results.get("summary", {}).items():
+        if "per_epoch" in gaps:
+            low = gaps[f"min_from_epoch_{MIN_FROM_EPOCH}"]
+            print(f"{name}: per epoch {', '.join(f'{a:.3f}' for a in gaps['per_epoch'])}; "
+                  f"min from epoch {MIN_FROM_EPOCH}: {'-' if low is None else f'{low:.3f}'}")
+            continue
         print(f"{name}: max |eval acc gap| {gaps['max_abs_eval_accuracy_gap']:.3f}, "
               f"max |train loss gap| {gaps['max_abs_train_loss_gap']:.4f}")
     if plot(results, png_path):

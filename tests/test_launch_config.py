@@ -197,7 +197,7 @@ def test_unknown_key_names_file_key_allowed_and_closest(tmp_path):
     assert error_of(path) == (
         f"{path}: train.batchsize: unknown key (did you mean train.batch_size?); allowed keys in train: "
         "batch_size, epochs, learning_rate, warmup_epochs, optimizer, momentum, mixed_precision, seed, "
-        "log_every, checkpoint_every")
+        "log_every, checkpoint_every, precise_bn_batches")
 
 
 def test_unknown_key_without_close_match(tmp_path):

@@ -17,7 +17,7 @@ TRAINING_KEYS = {
     "model": ["width", "depth", "bn", "momentum"],
     "data": ["frames", "height", "width", "num_classes", "train_clips", "eval_clips", "seed"],
     "train": ["batch_size", "epochs", "learning_rate", "warmup_epochs", "optimizer", "momentum",
-              "mixed_precision", "seed", "log_every", "checkpoint_every"],
+              "mixed_precision", "seed", "log_every", "checkpoint_every", "precise_bn_batches"],
     "run": ["dir", "resume", "overwrite", "tensorboard"],
 }
 

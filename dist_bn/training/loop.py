@@ -13,6 +13,10 @@ One custom loop, the same on every rank, with Horovod's TensorFlow core ops:
              the world size with a linear warmup (`schedule`)
   log        every train.log_every steps loss/accuracy summed over ranks,
              printed by rank 0 with the speed of all ranks together
+  precise BN with train.precise_bn_batches > 0, before each evaluation:
+             every BN layer's moving statistics become the exact
+             population statistics of that many global training batches
+             (`dist_bn.precise_bn`), so evaluation and checkpoints use them
   evaluate   after every epoch, on the held-out split in inference mode
              (moving statistics, no collective in the model); loss sums
              and correct counts are summed over ranks, so the numbers are
@@ -34,6 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dist_bn.precise_bn import precise_bn
 from dist_bn.training import data as data_lib
 from dist_bn.training import distributed
 from dist_bn.training.checkpoint import Checkpoints
@@ -189,6 +194,16 @@ class Trainer:
         return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": correct / max(count, 1),
                 "eval_clips": int(count)}
 
+    def precise_bn(self, epoch: int) -> str:
+        """Precise BN over train.precise_bn_batches global batches of `epoch`'s
+        training order (repeated if it asks for more than an epoch); returns a log line."""
+        batches = self.config["train"]["precise_bn_batches"]
+        start = time.perf_counter()
+        dataset = data_lib.train_dataset(self.config, epoch, self.world.rank, self.world.size).repeat()
+        counts = precise_bn(self.model, dataset, batches)
+        return (f"precise BN: {len(counts)} layer(s) over {batches} global batches "
+                f"({batches * self.global_batch} clips) in {time.perf_counter() - start:.1f}s")
+
     def share_model_state(self) -> None:
         """Make every rank hold rank 0's non-trainable state (BN moving
         statistics). With sync BN (or none) it is identical on every rank
@@ -288,6 +303,8 @@ def _train_and_evaluate(config, world, trainer, run_dir, moved, reporter, starte
         train_time += epoch_train_time
         train_clips += steps * trainer.global_batch
 
+        if train["precise_bn_batches"]:
+            reporter.say(trainer.precise_bn(epoch))
         trainer.share_model_state()
         last_eval = trainer.evaluate()
         record = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_accuracy": totals[1] / totals[2],
