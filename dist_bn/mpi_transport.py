@@ -105,6 +105,8 @@ class MPITransport:
         self._lock = threading.Lock()
         self._handles = weakref.WeakKeyDictionary()
         self.watchdog = collective_watchdog.get(MPI, timeout_s)
+        if self.size == world.Get_size():
+            self.watchdog.start_heartbeat()  # every rank of the world is here too
 
     def _sequence_handle(self):
         """The sequence variable's handle as the current graph may use it.

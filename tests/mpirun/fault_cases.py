@@ -6,7 +6,9 @@
   skip_call          rank 1 skips the last BN layer at step 2, so the
                      others wait in its collective: the watchdog ends it;
   stop               rank 1 stops itself (SIGSTOP) at step 2: the watchdog
-                     of the others ends it.
+                     of the others ends it;
+  stop_in_horovod    rank 1 stops itself after step 2, so rank 0 waits in a
+                     Horovod all-reduce: the heartbeat ends it.
 Each rank prints "step N" after every step it completes. The steps run
 eagerly: no rank waits for another's tracing, so a short
 DIST_BN_COLLECTIVE_TIMEOUT_S cannot fire before the fault.
@@ -58,6 +60,9 @@ def main(fault):
         call_c = not (faulty and fault == "skip_call")
         step(a_training, call_c)
         print(f"rank {rank} step {i}", flush=True)
+        if faulty and fault == "stop_in_horovod":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        hvd.allreduce(tf.zeros([1]), name=f"end_of_step_{i}")
 
 
 if __name__ == "__main__":
