@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+import horovod.tensorflow as hvd
 import numpy as np
 
 EXIT_CODE = 70  # EX_SOFTWARE: a distributed program error, not a usage error
@@ -77,8 +78,13 @@ class Watchdog:
     def _goodbye(self):
         with self._mpi_lock:
             heartbeat, self._heartbeat = self._heartbeat, None
-            if heartbeat is not None and not self.MPI.Is_finalized():
+            if heartbeat is not None and self._mpi_usable():
                 heartbeat.goodbye()
+
+    def _mpi_usable(self):
+        """False once Horovod shuts down: when any rank leaves, Horovod's background
+        thread finalizes MPI in every process, while their Python still runs."""
+        return hvd.is_initialized() and not self.MPI.Is_finalized()
 
     def _watch(self):
         period = min(1.0, self.timeout_s / 4)
@@ -89,6 +95,8 @@ class Watchdog:
             if entry is not None:
                 self._abort(entry)
             with self._mpi_lock:
+                if self._heartbeat is not None and not self._mpi_usable():
+                    self._heartbeat = None  # Horovod shut down (maybe for another rank) and ends MPI
                 silent_s = self._heartbeat.beat(now) if self._heartbeat is not None else 0.0
             if silent_s > self.timeout_s:
                 self._abort_silent(silent_s)
