@@ -13,6 +13,12 @@ Sections (all by default, or pick with --sections):
               and mpi4py's Allreduce of the same bytes (the transport's floor)
   model       a training step of the project's 3D-conv model, bn local vs sync
   memory      peak allocator memory of that training step, local vs sync
+  deep        a training step of a deep thin X3D-like net (--deep-blocks blocks
+              of a depthwise 3x3x3 and a 1x1x1 Conv3D, each with BN + ReLU):
+              Keras's local BN, ours (default transport, and Horovod's), and
+              tf-keras's local BN vs Horovod's layer; and the latency of one
+              collective of 2C+1 doubles: ours per transport, a bare
+              hvd.allreduce (both in a chain as deep as the net's) and mpi4py
 Every time is the median over --steps iterations after --warmup, of the
 slowest rank in each iteration; every ratio is taken within this run. Rank 0
 prints a table and writes the numbers as JSON (--json).
@@ -40,10 +46,15 @@ def _restart_with_import_time_env():
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="dist-bn-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="layer,collective,model,memory",
-                        help="comma-separated subset of layer,collective,model,memory")
+    parser.add_argument("--sections", default="layer,collective,model,memory,deep",
+                        help="comma-separated subset of layer,collective,model,memory,deep")
     parser.add_argument("--shapes", default="2x8x56x56x64,2x4x14x14x256",
                         help="per-rank NDHWC shapes for the layer section")
+    parser.add_argument("--deep-blocks", type=int, default=30,
+                        help="deep section: blocks (2 BN layers each, plus the stem's)")
+    parser.add_argument("--deep-channels", type=int, default=16, help="deep section: channels")
+    parser.add_argument("--deep-shape", default="2x4x6x6",
+                        help="deep section: per-rank clips x frames x height x width (3 colour channels)")
     parser.add_argument("--steps", type=int, default=20, help="timed iterations (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     parser.add_argument("--config", default="configs/demo.yaml",
@@ -53,9 +64,17 @@ def parse_args(argv):
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of --config")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - {"layer", "collective", "model", "memory"}
+    unknown = set(args.sections) - {"layer", "collective", "model", "memory", "deep"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from layer, collective, model, memory")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from layer, collective, model, memory, deep")
+    try:
+        args.deep_shape = tuple(int(d) for d in args.deep_shape.split("x"))
+    except ValueError:
+        parser.error(f"--deep-shape: expected e.g. 2x4x6x6, got {args.deep_shape!r}")
+    if len(args.deep_shape) != 4 or min(args.deep_shape) < 1:
+        parser.error("--deep-shape: clips x frames x height x width, 4 positive numbers")
+    if args.deep_blocks < 1 or args.deep_channels < 1:
+        parser.error("--deep-blocks and --deep-channels must be at least 1")
     try:
         args.shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     except ValueError:

@@ -116,7 +116,7 @@ def _mpi4py_ms(channels, args):
     from mpi4py import MPI
 
     send, recv = np.zeros(2 * channels + 1), np.zeros(2 * channels + 1)
-    comm = MPI.COMM_WORLD
+    comm = MPI.COMM_WORLD.Dup()  # apart from Horovod's own traffic
     for _ in range(args.warmup):
         comm.Allreduce(send, recv)
     times = []
@@ -178,8 +178,135 @@ def memory_section(args):
             "sync_vs_local": peaks["sync"] / peaks["local"]}
 
 
+def median_ms_interleaved(fns, steps, warmup, name):
+    """median_ms for several functions, run in turns so that load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            _block(fn())
+    times = {key: [] for key in fns}
+    for i in range(steps):
+        for key, fn in fns.items():
+            hvd.allreduce(tf.zeros([1]), name=f"bench/barrier/{name}")
+            start = time.perf_counter()
+            _block(fn())
+            times[key].append(time.perf_counter() - start)
+    result = {}
+    for key, values in times.items():
+        slowest = hvd.allreduce(tf.constant(values, tf.float64), op=hvd.Max, name=f"bench/times/{name}/{key}")
+        result[key] = 1e3 * statistics.median(slowest.numpy().tolist())
+    return result
+
+
+def deep_network(api, bn, blocks, channels, clip_shape):
+    """The X3D-like net of the deep section: a stem Conv3D, then `blocks` of a
+    depthwise 3x3x3 and a 1x1x1 Conv3D, each conv followed by bn() and ReLU,
+    then global average pooling and 10 logits. `api` is keras (Keras 3) or
+    tf.keras (tf-keras, for Horovod's layer)."""
+    layers = api.layers
+    inputs = api.Input(shape=clip_shape)
+    x = inputs
+    convs = [dict(filters=channels, kernel_size=3)]
+    convs += [dict(filters=channels, kernel_size=k, groups=g) for _ in range(blocks)
+              for k, g in ((3, channels), (1, 1))]
+    for conv in convs:
+        x = layers.Conv3D(padding="same", use_bias=False, **conv)(x)
+        x = layers.ReLU()(bn()(x))
+    x = layers.GlobalAveragePooling3D()(x)
+    return api.Model(inputs, layers.Dense(10)(x))
+
+
+def _deep_step(model, clips, labels, variables):
+    """A plain user's training step: forward, hvd.DistributedGradientTape, SGD."""
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = model(clips, training=True)
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True))
+        grads = hvd.DistributedGradientTape(tape).gradient(loss, variables)
+        for variable, grad in zip(variables, grads):
+            variable.assign_sub(0.01 * grad)
+        return loss
+    return step
+
+
+def _collective_chain(collective, payload, length):
+    """A tf.function of `length` collectives each on the previous one's result,
+    as a deep net's BN layers issue them (one cannot start before the last ends)."""
+    @tf.function
+    def chain():
+        x = payload
+        for i in range(length):
+            x = collective(x, i) * 0.5
+        return x
+    return chain
+
+
+def deep_section(args):
+    """Step time of a deep thin 3D net, local BN vs ours vs Horovod's, and the
+    per-collective latency of each transport, all in one run."""
+    rng = np.random.RandomState(hvd.rank())
+    clip_shape = tuple(args.deep_shape[1:]) + (3,)
+    clips = tf.constant(rng.randn(args.deep_shape[0], *clip_shape), tf.float32)
+    labels = tf.constant(rng.randint(0, 10, args.deep_shape[0]), tf.int32)
+    steps, bn_layers = {}, 2 * args.deep_blocks + 1
+    names = iter(range(10**9))
+
+    def keras3(bn, transport="auto"):
+        model = deep_network(keras, bn, args.deep_blocks, args.deep_channels, clip_shape)
+        variables = [w.value for w in model.trainable_weights]
+        step = _deep_step(model, clips, labels, variables)
+        with collectives.use_transport(transport):
+            step.get_concrete_function()  # the transport is chosen when tracing
+        return step
+
+    steps["keras BatchNormalization (local)"] = keras3(lambda: keras.layers.BatchNormalization(epsilon=EPSILON))
+    steps["dist_bn SyncBatchNormalization"] = keras3(lambda: dist_bn.SyncBatchNormalization(epsilon=EPSILON))
+    steps["dist_bn SyncBatchNormalization, horovod transport"] = keras3(
+        lambda: dist_bn.SyncBatchNormalization(epsilon=EPSILON), "horovod")
+    skipped = {}
+    try:
+        for key, bn in (("tf-keras BatchNormalization (local)", tf.keras.layers.BatchNormalization),
+                        ("horovod SyncBatchNormalization (tf-keras)", hvd.SyncBatchNormalization)):
+            # tf-keras needs unique layer names; Horovod's layer uses them as collective names.
+            model = deep_network(tf.keras, lambda bn=bn: bn(epsilon=EPSILON, name=f"bn{next(names)}"),
+                                 args.deep_blocks,
+                                 args.deep_channels, clip_shape)
+            steps[key] = _deep_step(model, clips, labels, model.trainable_variables)
+    except Exception as error:  # Keras 3 without tf-keras: Horovod's layer cannot be built
+        skipped["horovod SyncBatchNormalization (tf-keras)"] = f"{type(error).__name__}: {str(error)[:80]}"
+    step_ms = median_ms_interleaved(steps, args.steps, args.warmup, "deep/steps")
+
+    process_set = collectives.resolve_process_set(None)
+    payload = tf.zeros([2 * args.deep_channels + 1], tf.float64)
+    chains = {}
+    for transport in ("mpi", "horovod"):
+        if collectives.transport_name() != "mpi" and transport == "mpi":
+            continue
+        chains[f"dist_bn allreduce_sum ({transport} transport)"] = _collective_chain(
+            lambda x, i: collectives.allreduce_sum(x, f"bench/deep/{transport}/{i}", process_set),
+            payload, bn_layers)
+        with collectives.use_transport(transport):
+            chains[f"dist_bn allreduce_sum ({transport} transport)"].get_concrete_function()
+    chains["bare hvd.allreduce"] = _collective_chain(
+        lambda x, i: hvd.allreduce(x, op=hvd.Sum, name=f"bench/deep/bare/{i}"), payload, bn_layers)
+    chain_ms = median_ms_interleaved(chains, args.steps, args.warmup, "deep/chains")
+    latency_us = {key: 1e3 * ms / bn_layers for key, ms in chain_ms.items()}
+    latency_us["raw mpi4py Allreduce"] = (None if not hvd.mpi_enabled()
+                                          else 1e3 * _mpi4py_ms(args.deep_channels, args))
+    local = {"dist_bn": step_ms["keras BatchNormalization (local)"],
+             "horovod": step_ms.get("tf-keras BatchNormalization (local)")}
+    rows = [{"variant": key, "ms": ms,
+             "vs_local": ms / (local["horovod"] if "tf-keras" in key else local["dist_bn"])}
+            for key, ms in step_ms.items()]
+    rows += [{"variant": key, "skipped": why} for key, why in skipped.items()]
+    return {"blocks": args.deep_blocks, "channels": args.deep_channels, "bn_layers": bn_layers,
+            "clips_per_rank": list(args.deep_shape), "transport": collectives.transport_name(),
+            "steps": rows, "collective_latency_us": latency_us}
+
+
 SECTIONS = {"layer": layer_section, "collective": collective_section,
-            "model": model_section, "memory": memory_section}
+            "model": model_section, "memory": memory_section, "deep": deep_section}
 
 
 def run(args):
@@ -216,6 +343,17 @@ def render(results):
                      f"{row['syncbn_forward_ms']:.3f} ms, bare hvd.allreduce {row['bare_hvd_allreduce_ms']:.3f} ms "
                      f"({row['syncbn_forward_ms'] / row['bare_hvd_allreduce_ms']:.2f}x), mpi4py "
                      + (f"{mpi:.3f} ms" if mpi is not None else "n/a (Gloo controller)"))
+    if "deep" in results:
+        d = results["deep"]
+        lines.append(f"  deep net: {d['bn_layers']} BN layers of {d['channels']} channels, clips/rank "
+                     f"{'x'.join(map(str, d['clips_per_rank']))}, dist_bn transport {d['transport']}")
+        for row in d["steps"]:
+            if "skipped" in row:
+                lines.append(f"    step {row['variant']:<50} skipped: {row['skipped']}")
+            else:
+                lines.append(f"    step {row['variant']:<50} {row['ms']:8.1f} ms  {row['vs_local']:5.2f}x local BN")
+        for key, us in d["collective_latency_us"].items():
+            lines.append(f"    per collective {key:<40} " + (f"{us:8.1f} us" if us is not None else "n/a (no MPI)"))
     if "model" in results:
         m = results["model"]
         lines.append(f"  model step ({m['batch_per_rank']} clips/rank): local {m['local_ms']:.1f} ms, "

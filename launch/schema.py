@@ -438,8 +438,9 @@ FIELDS: tuple[Field, ...] = (
     Field("run.tensorboard", Bool(), True, "Write TensorBoard logs under run.dir."),
     # launcher
     Field("launcher.backend", Choice(("horovodrun", "mpirun")), "horovodrun", "Program that starts the ranks."),
-    Field("launcher.controller", Choice(("gloo", "mpi")), "gloo",
-          "Horovod controller: horovodrun --gloo or --mpi; mpirun needs mpi."),
+    Field("launcher.controller", Choice(("gloo", "mpi")), "mpi",
+          "Horovod controller: horovodrun --mpi or --gloo; mpirun needs mpi. With mpi the "
+          "BN layers' all-reduce goes straight through MPI (README, Performance)."),
     Field("launcher.num_proc", Int(1, 65536), 2, "Number of ranks (-np)."),
     Field("launcher.hosts", Hosts(), None, "Hosts and slots (-H); null = localhost:num_proc."),
     Field("launcher.hostfile", Text("path"), None,

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     result = run_ranks(mpirun_argv(2, "-m", "dist_bn.bench", "--steps", "2", "--warmup", "1",
-                                   "--shapes", "1x2x8x8x8", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+                                   "--shapes", "1x2x8x8x8", "--deep-blocks", "1", "--deep-channels", "4",
+                                   "--deep-shape", "1x2x4x4", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
                                    "--json", str(out), "data.frames=4", "data.height=16", "data.width=16",
                                    "model.width=4", "model.depth=2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -27,6 +28,17 @@ def test_bench_reports_every_section(tmp_path):
     assert all(row["ms"] > 0 for row in report["layer"] if "ms" in row)
     assert report["collective"][0]["mpi4py_Allreduce_ms"] > 0
     assert report["model"]["sync_ms"] > 0 and report["memory"]["sync_peak_bytes"] > 0
+    deep = report["deep"]
+    assert deep["bn_layers"] == 3 and deep["transport"] == "mpi"
+    assert {row["variant"] for row in deep["steps"]} == {
+        "keras BatchNormalization (local)", "dist_bn SyncBatchNormalization",
+        "dist_bn SyncBatchNormalization, horovod transport", "tf-keras BatchNormalization (local)",
+        "horovod SyncBatchNormalization (tf-keras)"}
+    assert all(row["ms"] > 0 for row in deep["steps"])
+    assert set(deep["collective_latency_us"]) == {
+        "dist_bn allreduce_sum (mpi transport)", "dist_bn allreduce_sum (horovod transport)",
+        "bare hvd.allreduce", "raw mpi4py Allreduce"}
+    assert "x local BN" in result.stdout
     assert "sync/local" in result.stdout
 
 

@@ -72,7 +72,7 @@ def test_namespaces_are_separate_hosts(hosts):
 
 
 def test_verify_across_two_hosts_horovodrun_gloo(hosts):
-    result = launch_verify(hosts)
+    result = launch_verify(hosts, "launcher.controller=gloo")
     check_two_host_run(hosts, result, "horovodrun")
     assert "(gloo controller" in result.stdout
 

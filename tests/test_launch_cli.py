@@ -112,7 +112,7 @@ def test_out_of_range_message_format(tmp_path, fake, capsys):
     ("", ["epochs"], "command line: 'epochs': not a key=value override"),
     ("", ["train.epoch=2"], "command line: train.epoch: unknown key (did you mean train.epochs?)"),
     ("", ["launcher.num_proc=-2"], "command line: launcher.num_proc: must be an integer from 1 to 65536, got -2"),
-    ("launcher: {backend: mpirun}\n", [], "launcher.controller: gloo needs launcher.backend: horovodrun; mpirun "
+    ("launcher: {backend: mpirun, controller: gloo}\n", [], "launcher.controller: gloo needs launcher.backend: horovodrun; mpirun "
                                           "always starts Horovod's MPI controller"),
     ("launcher: {hosts: 'a:1', num_proc: 2}\n", [], "run.yaml: launcher.hosts: slots add up to 1 but "
                                                     "launcher.num_proc is 2"),
@@ -246,7 +246,7 @@ def test_launcher_next_to_python_is_found_without_activating(tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_main(capsys, str(write(tmp_path, "")), "--dry-run")
     assert code == 0
-    assert out.splitlines()[-1].startswith(f"{venv_bin}/horovodrun -np 2 -H localhost:2 --gloo {venv_bin}/python ")
+    assert out.splitlines()[-1].startswith(f"{venv_bin}/horovodrun -np 2 -H localhost:2 --mpi {venv_bin}/python ")
 
 
 def test_no_config_is_a_usage_error(capsys):
@@ -280,7 +280,7 @@ def test_dry_run_prints_environment_and_command_and_starts_nothing(tmp_path, fak
         "export NCCL_DEBUG=WARN",
         "export MSG='a b'",
         "# Command:",
-        shlex.join(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", *worker]),
+        shlex.join(["horovodrun", "-np", "2", "-H", "localhost:2", "--mpi", *worker]),
     ]) + "\n"
     assert not Path(f"{fake}.json").exists()
 
@@ -328,7 +328,7 @@ def test_exit_code_is_the_jobs(tmp_path, fake, capsys, monkeypatch, exit_code):
     assert code == exit_code
     seen = record(fake)
     worker = [sys.executable, "-m", "dist_bn.training", str(path), "model.width=4", f"run.dir={tmp_path}/runs/demo"]
-    assert seen["argv"][1:] == ["-np", "3", "-H", "localhost:3", "--gloo", *worker]
+    assert seen["argv"][1:] == ["-np", "3", "-H", "localhost:3", "--mpi", *worker]
     assert seen["env"]["NCCL_DEBUG"] == "INFO"
     assert seen["own_session"] and seen["stdin_is_devnull"]
     assert err == f"{PROG}: running: {shlex.join(['horovodrun', *seen['argv'][1:]])}\n"

@@ -38,7 +38,7 @@ def make(tmp_path, text, overrides=(), environ=None):
 
 def test_horovodrun_defaults(tmp_path, as_user):
     launch, worker = make(tmp_path, "")
-    assert launch.argv == ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", *worker]
+    assert launch.argv == ["horovodrun", "-np", "2", "-H", "localhost:2", "--mpi", *worker]
     assert worker[-1] == f"run.dir={tmp_path}/runs/demo"
     assert launch.env == {} and launch.forwarded == []
 
@@ -89,7 +89,7 @@ def test_horovodrun_hostfile_and_no_stall_check(tmp_path, as_user):
         launcher: {hostfile: hosts, num_proc: 4}
         horovod: {stall_check: false}
     """)
-    assert launch.argv == ["horovodrun", "-np", "4", "--hostfile", str(tmp_path / "hosts"), "--gloo",
+    assert launch.argv == ["horovodrun", "-np", "4", "--hostfile", str(tmp_path / "hosts"), "--mpi",
                            "--no-stall-check", *worker]
 
 
@@ -123,7 +123,7 @@ def test_horovodrun_accepts_the_command_line(tmp_path, as_user):
     """)
     with mock.patch.object(sys, "argv", launch.argv):
         args = horovod_launch.parse_args()
-    assert (args.num_proc, args.hosts, args.use_gloo, args.nics) == (4, "n1:2,n2:2", True, {"eth0"})
+    assert (args.num_proc, args.hosts, args.use_mpi, args.nics) == (4, "n1:2,n2:2", True, {"eth0"})
     assert (args.ssh_port, args.start_timeout, args.verbose) == (2222, 60, True)
     assert (args.fusion_threshold_mb, args.cycle_time_ms, args.cache_capacity) == (16, 5.0, 64)
     assert (args.timeline_filename, args.autotune, args.autotune_log_file) == ("t.json", True, "a.csv")

@@ -91,7 +91,7 @@ def test_shipped_configs_explain_their_keys():
 def test_shipped_demo_is_two_ranks_on_this_machine():
     config = load_config(REPO / "configs" / "demo.yaml")
     assert config["launcher"]["num_proc"] == 2
-    assert config["launcher"]["hosts"] is None and config["launcher"]["controller"] == "gloo"
+    assert config["launcher"]["hosts"] is None and config["launcher"]["controller"] == "mpi"
 
 
 # --- overrides ----------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_ordinary_host_names_pass(tmp_path, hosts):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("launcher: {backend: mpirun}",
+    ("launcher: {backend: mpirun, controller: gloo}",
      "launcher.controller: gloo needs launcher.backend: horovodrun; mpirun always starts Horovod's MPI "
      "controller, so set launcher.controller: mpi (or launcher.backend: horovodrun)"),
     ("launcher: {hosts: 'a:1', hostfile: hosts.txt}",

@@ -91,7 +91,7 @@ def checkpoint_tensors(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = workdir_for(tmp_path_factory, "gloo")
-    proc = launch(workdir)
+    proc = launch(workdir, "launcher.controller=gloo")
     return workdir / "run", proc, metrics(workdir / "run")
 
 
