@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1], file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
+    from launch.runner import stop_with_launcher
+    stop_with_launcher()  # a rank must not outlive a killed dist-bn-launch
     # The config is checked before Horovod starts and anything is built.
     from launch.config import ConfigError, load_config
     try:
