@@ -39,7 +39,8 @@ def conv_net(norm):
     return keras.Sequential([
         keras.Input(CLIP),
         keras.layers.Conv3D(4, 3, padding="same", use_bias=False), norm(), keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling3D(), keras.layers.Dense(8, use_bias=False), norm(), keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling3D(),
+        keras.layers.Dense(8, use_bias=False), norm(), keras.layers.ReLU(),
         keras.layers.Dense(CLASSES),
     ])
 
