@@ -87,5 +87,6 @@ def test_learning_rate_warmup_and_rank_zero_helpers(reports):
                     for b in range(steps)]
         assert r["rates"][:6] == pytest.approx(expected, rel=1e-6), rank
         assert r["rates"][6:] == pytest.approx([lr] * 3, rel=1e-6) and r["final"] == pytest.approx(lr)
+        assert r["seed_states_differ"] and r["weights_agree"], rank
         assert r["root_only"] == (1 if rank == 0 else 0)
         assert r["root_verbose"] == (2 if rank == 0 else 0)

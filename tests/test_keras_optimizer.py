@@ -114,3 +114,9 @@ def test_warmup_needs_a_known_epoch_length():
     model.compile(keras.optimizers.SGD(0.1), "mse")
     with pytest.raises(ValueError, match="steps_per_epoch"):
         model.fit(ds, verbose=0, callbacks=[dk.callbacks.LearningRateWarmupCallback(0.1, 1)])
+
+
+def test_random_states_are_told_apart_from_weights():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    assert [v.path for v in model.variables if dk.is_random_state(v)] == ["seed_generator/seed_generator_state"]
+    assert sum(not dk.is_random_state(v) for v in model.variables) == 2

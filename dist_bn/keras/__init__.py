@@ -13,7 +13,7 @@ from horovod.tensorflow import (  # noqa: F401
 from dist_bn.keras import callbacks  # noqa: F401
 from dist_bn.keras.evaluation import evaluate
 from dist_bn.keras.optimizer import DistributedOptimizer, allreduce_gradients, is_distributed
-from dist_bn.keras.variables import broadcast_global_variables, broadcast_variables
+from dist_bn.keras.variables import broadcast_global_variables, broadcast_variables, is_random_state
 from dist_bn.keras.callbacks import global_metric_results, scale_learning_rate
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "evaluate",
     "global_metric_results",
     "is_distributed",
+    "is_random_state",
     "scale_learning_rate",
 ]

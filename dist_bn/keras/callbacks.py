@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from dist_bn.keras import optimizer as _optimizer
-from dist_bn.keras.variables import broadcast_variables
+from dist_bn.keras.variables import broadcast_variables, is_random_state
 
 
 def _metric_variables(model):
@@ -56,7 +56,9 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     """Broadcasts model and optimizer variables from `root_rank` before the first step.
 
     The optimizer is built first if it is not, so its slots and iteration
-    count are broadcast too. Once per `fit` (each `fit` call broadcasts again,
+    count are broadcast too. Random-number states (Dropout's SeedGenerator)
+    are left per rank, so ranks draw independent masks for their samples, as
+    in one process. Once per `fit` (each `fit` call broadcasts again,
     which covers a restore between calls).
     """
 
@@ -82,7 +84,8 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         opt = self.model.optimizer
         if opt is not None and not opt.built:
             opt.build(self.model.trainable_variables)
-        variables = list(self.model.variables) + ([] if opt is None else list(opt.variables))
+        variables = [v for v in self.model.variables if not is_random_state(v)]
+        variables += [] if opt is None else list(opt.variables)
         broadcast_variables(variables, self.root_rank, self.process_set)
         self._done = True
 

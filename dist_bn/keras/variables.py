@@ -21,9 +21,15 @@ def broadcast_variables(variables, root_rank=0, process_set=hvd.global_process_s
         hvd.broadcast_variables(tf_variables, root_rank, process_set=process_set)
 
 
+def is_random_state(variable):
+    """Whether `variable` is a `keras.random.SeedGenerator`'s state (Dropout's, for one)."""
+    return variable.path.split("/")[-1].startswith("seed_generator_state")
+
+
 def broadcast_global_variables(model, root_rank=0, process_set=hvd.global_process_set):
-    """Broadcasts `model`'s variables and, if built, its optimizer's."""
-    variables = list(model.variables)
+    """Broadcasts `model`'s variables (random-number states kept per rank) and, if built,
+    its optimizer's."""
+    variables = [v for v in model.variables if not is_random_state(v)]
     if getattr(model, "optimizer", None) is not None and model.optimizer.built:
         variables += list(model.optimizer.variables)
     broadcast_variables(variables, root_rank, process_set)

@@ -274,7 +274,18 @@ def case_warmup():
     model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=3, shuffle=False, verbose=0,
               callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                          hvd.callbacks.LearningRateWarmupCallback(lr, warmup_epochs=2), record])
-    return {"rates": record.rates, "scaled": lr,
+    # Dropout's random state stays per rank (independent masks); the weights are broadcast.
+    keras.utils.set_random_seed(700 + hvd.rank())
+    dropped = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    dropped.compile(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), "mse", jit_compile=False)
+    dropped.fit(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), batch_size=4, verbose=0,
+                callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    gathered = [(hvd.is_random_state(v), hvd.allgather(tf.constant(v.numpy()[None]),
+                                                       name=f"dropped/{i}").numpy())
+                for i, v in enumerate(dropped.variables)]
+    return {"seed_states_differ": all(np.any(g[0] != g[1]) for random, g in gathered if random),
+            "weights_agree": all(np.array_equal(g[0], g[1]) for random, g in gathered if not random),
+            "rates": record.rates, "scaled": lr,
             "final": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
             "root_only": len(hvd.callbacks.root_only(keras.callbacks.History())),
             "root_verbose": hvd.callbacks.root_verbose(2)}
