@@ -46,6 +46,21 @@ def test_a_saved_model_loads_with_the_base_optimizer(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_load_model_wraps_the_saved_optimizer_with_its_state(tmp_path):
+    model = net()
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    x, y = data()
+    model.fit(x, y, batch_size=8, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = dk.load_model(tmp_path / "m.keras", op=hvd.Sum)
+    assert dk.is_distributed(loaded.optimizer) and int(loaded.optimizer.iterations.numpy()) == 2
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.fit(x, y, batch_size=8, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    assert getattr(dk.load_model(tmp_path / "m.keras", compile=False), "optimizer", None) is None
+
+
 def test_a_built_optimizers_state_is_carried_over():
     model = net()
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
@@ -118,5 +133,6 @@ def test_warmup_needs_a_known_epoch_length():
 
 def test_random_states_are_told_apart_from_weights():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
-    assert [v.path for v in model.variables if dk.is_random_state(v)] == ["seed_generator/seed_generator_state"]
+    random = [v.path for v in model.variables if dk.is_random_state(v)]
+    assert random == ["seed_generator/seed_generator_state"]
     assert sum(not dk.is_random_state(v) for v in model.variables) == 2

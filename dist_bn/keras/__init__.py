@@ -12,6 +12,7 @@ from horovod.tensorflow import (  # noqa: F401
 
 from dist_bn.keras import callbacks  # noqa: F401
 from dist_bn.keras.evaluation import evaluate
+from dist_bn.keras.saving import load_model
 from dist_bn.keras.optimizer import DistributedOptimizer, allreduce_gradients, is_distributed
 from dist_bn.keras.variables import broadcast_global_variables, broadcast_variables, is_random_state
 from dist_bn.keras.callbacks import global_metric_results, scale_learning_rate
@@ -26,5 +27,6 @@ __all__ = [
     "global_metric_results",
     "is_distributed",
     "is_random_state",
+    "load_model",
     "scale_learning_rate",
 ]
