@@ -113,9 +113,10 @@ def local_moments(x, axes, weights=None):
     count is a float64 scalar, or [C] when `weights` (0/1, see mask_weights)
     vary along the channel axis; mean and M2 are [C]. Only unmasked values
     count. An empty or fully masked `x` gives count 0, mean 0 and M2 0.
-    Two passes: a pivot-shifted blocked sum for the mean, then a blocked
-    sum of squared deviations from the float32-rounded mean, corrected in
-    float64 for that rounding.
+    Two passes: a pivot-shifted blocked sum for the mean (with a mask, the
+    shift is a first, rough masked mean, since the pivot may be a masked
+    outlier), then a blocked sum of squared deviations from the
+    float32-rounded mean, corrected in float64 for that rounding.
     """
     blocks = block_axes(x.shape, axes)
     shape = broadcast_shape(x.shape.rank, channel_axis(x.shape.rank, axes))
