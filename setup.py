@@ -48,7 +48,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dist-bn-launch = launch.cli:main",
-            "dist-bn-bench = dist_bn.bench:main",
+            "dist-bn-bench = dist_bn.bench.cli:main",
             "dist-bn-verify = dist_bn.verify:main",
             "dist-bn-export = dist_bn.export:main",
         ]

@@ -13,7 +13,7 @@ from dist_bn.convert import convert_sync_batchnorm, revert_sync_batchnorm
 from dist_bn.folding import fold_batchnorm
 from dist_bn.ops import sync_batch_normalization, sync_moments
 from dist_bn.precise_bn import PreciseBN, precise_bn
-from dist_bn.sync_batch_normalization import SyncBatchNormalization
+from dist_bn.layer import SyncBatchNormalization
 
 __version__ = "0.1.0"
 __all__ = [

@@ -21,7 +21,7 @@ import warnings
 import keras
 from keras.src.models.functional import Functional
 
-from dist_bn.sync_batch_normalization import SyncBatchNormalization
+from dist_bn.layer import SyncBatchNormalization
 
 logger = logging.getLogger("dist_bn")
 

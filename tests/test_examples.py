@@ -3,8 +3,9 @@ import os
 import re
 
 from mpirun_helpers import mpirun_argv, run_ranks
+from paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def test_global_vs_local_statistics_example():

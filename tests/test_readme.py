@@ -2,8 +2,9 @@
 import os
 
 from launch.schema import render_markdown
+from paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 
 

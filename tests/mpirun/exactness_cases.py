@@ -5,7 +5,7 @@ slice. It trains SyncBatchNormalization for one step and measures, against
 float64 NumPy on the concatenated batch (dist_bn.reference): the float64
 global statistics, the output and input gradient of its slice, gamma's and
 beta's gradients summed over ranks, and the moving statistics. Errors go to
-REPORT_DIR/rank<R>.json; tests/test_mpirun_exactness.py asserts.
+REPORT_DIR/rank<R>.json; tests/dist_bn/test_mpirun_exactness.py asserts.
 
 Usage: python exactness_cases.py REPORT_DIR SCALE_CASES(0|1)
 """

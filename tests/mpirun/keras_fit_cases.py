@@ -7,7 +7,7 @@ ranks with SyncBatchNormalization and DistributedOptimizer, then, on every
 rank, trains the reference in one process with Keras's BatchNormalization on
 the concatenated global batches from rank 0's initial weights, and records
 the worst relative weight difference. REPORT_DIR/rank<R>.json holds the
-results; tests/test_keras_fit.py asserts.
+results; tests/dist_bn/keras/test_keras_fit.py asserts.
 
 Cases: fit (with validation, uneven per-rank validation shards), evaluate and
 predict (uneven shards), train_on_batch and a custom loop with an Embedding

@@ -9,7 +9,7 @@ The NumPy reference replays that in float64 on the concatenated batches and
 takes the population mean and variance of every BN layer's inputs over all
 batches. Each rank writes its errors, its new moving statistics (to compare
 bitwise across ranks) and what fvcore's estimate (the mean of the per-batch
-variances) would have been, to REPORT_DIR/rank<R>.json; tests/test_precise_bn.py
+variances) would have been, to REPORT_DIR/rank<R>.json; tests/dist_bn/test_precise_bn.py
 holds the tolerances.
 
 Usage: python precise_bn_cases.py REPORT_DIR

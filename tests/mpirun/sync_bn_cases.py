@@ -5,7 +5,7 @@ rank draws the same global batches from a seed, keeps its own slice, trains
 the layer on it, and measures its results against float64 NumPy and against
 keras.layers.BatchNormalization, both run on the whole concatenated batch.
 Errors are written, per case, to REPORT_DIR/rank<R>.json; the pytest side
-(tests/test_mpirun.py) holds the tolerances and asserts.
+(tests/dist_bn/test_mpirun.py) holds the tolerances and asserts.
 
 Usage: python sync_bn_cases.py REPORT_DIR
 """

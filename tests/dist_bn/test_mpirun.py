@@ -9,9 +9,9 @@ import os
 import pytest
 
 from mpirun_helpers import horovodrun_gloo_argv, mpirun_argv, run_ranks
+from paths import CASES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CASES_SCRIPT = os.path.join(HERE, "mpirun", "sync_bn_cases.py")
+CASES_SCRIPT = str(CASES / "sync_bn_cases.py")
 
 LAUNCHES = {
     "mpirun-np2": lambda report: mpirun_argv(2, CASES_SCRIPT, report),

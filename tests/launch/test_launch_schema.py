@@ -10,8 +10,8 @@ import pytest
 from launch.cli import main
 from launch.command import KNOBS
 from launch.schema import BY_KEY, FIELDS, RULES, SECTIONS, render_markdown
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 TRAINING_KEYS = {
     "model": ["width", "depth", "bn", "momentum"],

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PROG = "dist-bn-launch"
 
 FAKE_LAUNCHER = """\

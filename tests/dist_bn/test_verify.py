@@ -3,8 +3,8 @@
 The pure parts (process-set layouts, batch sizes, judging, the table, usage
 errors) run in this process; the command itself runs as one process, and as
 2 ranks under `dist-bn-launch verify` with mpirun. The multi-rank exactness
-cases themselves are tests/test_mpirun.py's (the same runner), and the
-two-host run is tests/test_cluster_netns.py's.
+cases themselves are tests/dist_bn/test_mpirun.py's (the same runner), and the
+two-host run is tests/launch/test_cluster_netns.py's.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 
 from dist_bn import verify
 from dist_bn.verify import Case, Row, UsageError
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
              PYTHONUNBUFFERED="1")
 

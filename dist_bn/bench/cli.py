@@ -41,13 +41,19 @@ def _restart_with_import_time_env():
     if all(os.environ.get(k) == v for k, v in IMPORT_TIME_ENV.items()):
         return
     env = {**os.environ, **IMPORT_TIME_ENV}
-    os.execve(sys.executable, [sys.executable, "-m", "dist_bn.bench", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "dist_bn.bench.cli", *sys.argv[1:]], env)
+
+
+# The section names, in run order (dist_bn.bench.sections.SECTIONS holds the
+# functions; it imports TensorFlow, which this command line must not before
+# its restart). tests/dist_bn/test_bench.py checks the two agree.
+SECTION_NAMES = ("layer", "collective", "model", "memory", "deep")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="dist-bn-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="layer,collective,model,memory,deep",
-                        help="comma-separated subset of layer,collective,model,memory,deep")
+    parser.add_argument("--sections", default=",".join(SECTION_NAMES),
+                        help="comma-separated subset of " + ",".join(SECTION_NAMES))
     parser.add_argument("--shapes", default="2x8x56x56x64,2x4x14x14x256",
                         help="per-rank NDHWC shapes for the layer section")
     parser.add_argument("--deep-blocks", type=int, default=30,
@@ -64,9 +70,9 @@ def parse_args(argv):
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of --config")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - {"layer", "collective", "model", "memory", "deep"}
+    unknown = set(args.sections) - set(SECTION_NAMES)
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from layer, collective, model, memory, deep")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTION_NAMES)}")
     try:
         args.deep_shape = tuple(int(d) for d in args.deep_shape.split("x"))
     except ValueError:
@@ -92,13 +98,13 @@ def main(argv=None):
     _restart_with_import_time_env()
     import horovod.tensorflow as hvd
 
-    from dist_bn import benchmarks
+    from dist_bn.bench import sections
     from dist_bn.training import distributed
 
     distributed.init()  # Horovod, and GPU local_rank pinned where there are GPUs
-    results = benchmarks.run(args)
+    results = sections.run(args)
     if hvd.rank() == 0:
-        print(benchmarks.render(results))
+        print(sections.render(results))
         with open(args.json, "x") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {args.json}")

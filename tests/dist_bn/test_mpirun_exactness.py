@@ -12,9 +12,9 @@ import os
 import pytest
 
 from mpirun_helpers import mpirun_argv, run_ranks
+from paths import CASES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "mpirun", "exactness_cases.py")
+SCRIPT = str(CASES / "exactness_cases.py")
 SCALE_CASES = ("3.2M_per_rank_offset_1e4", "401k_per_rank_ncdhw_offset_1e3")
 MASK_CASES = ("masked_sequences", "masked_clips_ndhwc", "masked_channels_first")
 
@@ -73,7 +73,7 @@ def test_a_globally_masked_batch_leaves_moving_statistics_alone(reports):
 
 def test_conv3d_training_with_an_empty_shard_equals_one_process(tmp_path):
     """mpirun -np 3, the last rank empty behind oneDNN's misshapen empty Conv3D output."""
-    script = os.path.join(HERE, "mpirun", "empty_shard_training.py")
+    script = str(CASES / "empty_shard_training.py")
     result = run_ranks(mpirun_argv(3, script, str(tmp_path)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(3)]

@@ -14,9 +14,9 @@ import pytest
 
 import dist_bn
 from mpirun_helpers import mpirun_argv, run_ranks
+from paths import CASES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CASES_SCRIPT = os.path.join(HERE, "mpirun", "precise_bn_cases.py")
+CASES_SCRIPT = str(CASES / "precise_bn_cases.py")
 RNG = np.random.RandomState(11)
 
 

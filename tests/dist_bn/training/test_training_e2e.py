@@ -39,7 +39,6 @@ import tensorflow as tf
 
 from dist_bn.training.checkpoint import checkpoint_problem
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
 
 TINY = """\

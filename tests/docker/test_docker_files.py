@@ -26,8 +26,8 @@ import yaml
 
 from cluster_helpers import ENTRYPOINT, ensure_sshd, free_port, stop, wait_for_log
 from launch.config import load_config
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "gpu": DOCKER / "Dockerfile.gpu"}
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",

@@ -19,10 +19,10 @@ import time
 import pytest
 
 from mpirun_helpers import mpirun_argv, run_ranks
+from paths import CASES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ORDERING_SCRIPT = os.path.join(HERE, "mpirun", "ordering_cases.py")
-FAULT_SCRIPT = os.path.join(HERE, "mpirun", "fault_cases.py")
+ORDERING_SCRIPT = str(CASES / "ordering_cases.py")
+FAULT_SCRIPT = str(CASES / "fault_cases.py")
 TIMEOUT_S = 10
 
 

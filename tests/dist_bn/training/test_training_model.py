@@ -12,6 +12,7 @@ from dist_bn import SyncBatchNormalization
 from dist_bn.training.loop import GIB, memory_problem
 from dist_bn.training.model import build_model, training_step_bytes
 from launch.config import load_config
+from paths import REPO
 
 MODEL = {"width": 4, "depth": 3, "bn": "sync", "momentum": 0.8}
 DATA = {"frames": 4, "height": 16, "width": 12, "num_classes": 5}
@@ -76,11 +77,11 @@ def test_mixed_precision_keeps_float32_logits():
 
 
 def test_memory_estimate_refuses_what_cannot_fit_and_passes_the_demo():
-    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    demo = load_config(REPO / "configs" / "demo.yaml")
     assert memory_problem(demo, ranks_here=2, available=4 * GIB) is None
     assert memory_problem(demo, ranks_here=2, available=None) is None  # unknown: not refused
     # The data.height=1e9 is now out of range; the largest allowed frame is refused here.
-    big = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+    big = load_config(REPO / "configs" / "demo.yaml",
                       ["data.height=65536", "data.width=65536"])
     problem = memory_problem(big, ranks_here=2, available=24 * GIB)
     assert problem.startswith("data/model/train sizes: a rank would need about ") and "24.0 GiB is available" in problem

@@ -23,8 +23,8 @@ import yaml
 from launch.cli import main
 from launch.config import load_config
 from launch.emit import Job, cluster_shape, mpijob_manifest, slurm_script, slurm_time
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PROG = "dist-bn-launch"
 
 RECORDER = """\

@@ -18,7 +18,6 @@ from dist_bn.training.rundir import (MARKER_FILE, RunDirError, aside_name, load_
                                      resume_conflicts, save_config)
 from launch.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 NOW = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
 

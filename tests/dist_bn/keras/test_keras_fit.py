@@ -11,9 +11,9 @@ import os
 import pytest
 
 from mpirun_helpers import horovodrun_gloo_argv, mpirun_argv, run_ranks
+from paths import CASES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "mpirun", "keras_fit_cases.py")
+SCRIPT = str(CASES / "keras_fit_cases.py")
 LAUNCHES = {
     "mpirun-np2": (mpirun_argv, 2, "fit,sparse,loss_scale,resume,warmup"),
     "horovodrun-gloo-np3": (horovodrun_gloo_argv, 3, "fit,resume"),

@@ -8,13 +8,14 @@ import os
 import sys
 
 from mpirun_helpers import mpirun_argv, run_ranks
+from paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def test_bench_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_ranks(mpirun_argv(2, "-m", "dist_bn.bench", "--steps", "2", "--warmup", "1",
+    result = run_ranks(mpirun_argv(2, "-m", "dist_bn.bench.cli", "--steps", "2", "--warmup", "1",
                                    "--shapes", "1x2x8x8x8", "--deep-blocks", "1", "--deep-channels", "4",
                                    "--deep-shape", "1x2x4x4", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
                                    "--json", str(out), "data.frames=4", "data.height=16", "data.width=16",
@@ -45,6 +46,12 @@ def test_bench_reports_every_section(tmp_path):
 def test_bench_refuses_to_overwrite_results(tmp_path):
     out = tmp_path / "bench.json"
     out.write_text("{}")
-    result = run_ranks([sys.executable, "-m", "dist_bn.bench", "--json", str(out)])
+    result = run_ranks([sys.executable, "-m", "dist_bn.bench.cli", "--json", str(out)])
     assert result.returncode != 0 and "exists" in result.stderr
     assert out.read_text() == "{}"
+
+
+def test_command_line_names_every_section_in_run_order():
+    from dist_bn.bench import cli, sections
+
+    assert tuple(sections.SECTIONS) == cli.SECTION_NAMES

@@ -1,4 +1,4 @@
-"""The measurements behind dist-bn-bench (see dist_bn/bench.py for the CLI).
+"""The measurements behind dist-bn-bench (the command line is dist_bn/bench/cli.py).
 
 Each section returns plain dicts of milliseconds or bytes; `render` turns
 them into the table rank 0 prints.

@@ -10,8 +10,8 @@ import pytest
 
 from launch.config import ConfigError, format_override, load_config, parse_override
 from launch.schema import FIELDS
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

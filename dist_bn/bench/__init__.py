@@ -1,0 +1,1 @@
+"""dist-bn-bench: `cli` is the command line, `sections` the measurements it runs."""
