@@ -4,7 +4,13 @@ Pins are the versions the test suite runs against. Horovod must be built from
 source against the installed TensorFlow (see scripts/bootstrap.sh), so it is
 installed before this package and only checked here.
 """
+import re
+
 from setuptools import find_packages, setup
+
+# The version is written once, as dist_bn.__version__ (read here without importing dist_bn).
+VERSION = re.search(r'^__version__ = "([^"]+)"$', open("dist_bn/__init__.py", encoding="utf-8").read(),
+                    re.M).group(1)
 
 INSTALL_REQUIRES = [
     "tensorflow-cpu==2.18.1",
@@ -36,7 +42,7 @@ EXTRAS_REQUIRE = {
 
 setup(
     name="dist_bn",
-    version="0.1.0",
+    version=VERSION,
     description="Exact synchronized batch normalization for Keras 3 with Horovod",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -49,7 +55,7 @@ setup(
         "console_scripts": [
             "dist-bn-launch = launch.cli:main",
             "dist-bn-bench = dist_bn.bench.cli:main",
-            "dist-bn-verify = dist_bn.verify:main",
+            "dist-bn-verify = dist_bn.verify.cli:main",
             "dist-bn-export = dist_bn.export:main",
         ]
     },

@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_bn import collectives
+from dist_bn import keras_backend
 from dist_bn import kernels
 from dist_bn import moments
 from dist_bn import ops
@@ -62,6 +63,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         unbiased_moving_variance=False,
         **kwargs,
     ):
+        keras_backend.require_tensorflow("SyncBatchNormalization")
         # A BatchNormalization config converted to this layer may carry it.
         kwargs.pop("synchronized", None)
         if isinstance(axis, (list, tuple)):
@@ -121,8 +123,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                 f"{self.name}: inputs must be floating point, got {inputs.dtype.name}; "
                 "cast them first, e.g. keras.ops.cast(x, 'float32')."
             )
-        compute_dtype = tf.float32 if inputs.dtype in (tf.float16, tf.bfloat16) else inputs.dtype
-        x = self._with_layer_channels(tf.cast(inputs, compute_dtype))
+        x = self._with_layer_channels(tf.cast(inputs, ops.compute_dtype(inputs.dtype)))
         weights = None if mask is None else moments.mask_weights(mask, x, self.axis)
         if not self.trainable or training is None:
             training = False

@@ -13,6 +13,12 @@ from dist_bn import kernels
 from dist_bn import moments
 
 
+def compute_dtype(dtype):
+    """The dtype statistics and normalization are computed in: float32 for
+    float16/bfloat16 inputs (mixed precision), the input's own otherwise."""
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
 def global_moments(x, axes, name, process_set, weights=None):
     """(count, mean, variance) over all ranks' `x`, float64, not differentiable.
 
@@ -40,7 +46,7 @@ def sync_moments(x, axes, keepdims=False, process_set=None, name="sync_moments")
     ndim = x.shape.rank
     axes = sorted(a % ndim for a in axes)
     kept_shape = [1 if i in axes else -1 for i in range(ndim)]
-    compute = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
+    compute = compute_dtype(x.dtype)
 
     @tf.custom_gradient
     def _moments(x):

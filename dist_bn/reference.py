@@ -20,11 +20,6 @@ def per_channel(v, ndim, axis):
     return np.reshape(v, shape)
 
 
-# The names the tests have always used.
-_axes = reduction_axes
-_per_channel = per_channel
-
-
 def mask_weights(mask, x):
     """0/1 float64 weights broadcast to x from a Keras mask (one axis fewer, expanded last)."""
     if mask is None:

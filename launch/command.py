@@ -10,7 +10,6 @@ The mapping from config keys to flags and variables follows Horovod 0.28.1
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -79,12 +78,6 @@ class Launch:
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The launcher child's full environment."""
         return {**(os.environ if base is None else base), **self.env}
-
-    def shell(self) -> str:
-        """Copy-pasteable shell text: `export` lines, then the command."""
-        lines = [f"export {name}={shlex.quote(value)}" for name, value in self.env.items()]
-        lines.append(shlex.join(self.argv))
-        return "\n".join(lines)
 
 
 def horovod_environment(config: Config) -> dict[str, str]:

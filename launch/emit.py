@@ -127,20 +127,34 @@ def _header(kind: str, job: Job) -> list[str]:
             "# Write it again after changing the config; every key: dist-bn-launch --schema"]
 
 
-def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job: Job,
-                 cwd: str | None = None) -> str:
-    """An sbatch script that runs `job` with `config` on the allocated nodes."""
-    cwd = cwd or os.getcwd()
-    nodes, per_node = cluster_shape(config)
-    cluster, slurm, launcher = config["cluster"], config["slurm"], config["launcher"]
-    python = launcher["python"] or sys.executable
-    config_file = absolute(config_path, cwd)
+@dataclass(frozen=True)
+class Target:
+    """What one emitted file starts: the validated config (and the absolute
+    path and overrides it came from), the job, and the cluster's shape."""
 
-    lines = ["#!/bin/bash", *_header("a Slurm batch script", job), "# Submit: sbatch THIS_FILE"]
+    config: Config
+    config_file: str
+    overrides: tuple[str, ...]
+    job: Job
+    nodes: int
+    per_node: int
+    cwd: str
+
+    @classmethod
+    def of(cls, config: Config, config_path: str, overrides: Sequence[str], job: Job,
+           cwd: str | None = None) -> "Target":
+        cwd = cwd or os.getcwd()
+        nodes, per_node = cluster_shape(config)
+        return cls(config, absolute(config_path, cwd), tuple(overrides), job, nodes, per_node, cwd)
+
+
+def sbatch_directives(target: Target) -> list[str]:
+    """The #SBATCH options: the cluster and slurm sections, then slurm.directives; each checked."""
+    cluster, slurm = target.config["cluster"], target.config["slurm"]
     directives = [
         f"--job-name={cluster['job_name']}",
-        f"--nodes={nodes}",
-        f"--ntasks-per-node={per_node}",
+        f"--nodes={target.nodes}",
+        f"--ntasks-per-node={target.per_node}",
     ]
     optional = [
         ("--gpus-per-node={}", cluster["gpus_per_node"] or None),
@@ -150,7 +164,7 @@ def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job
         ("--partition={}", slurm["partition"]),
         ("--account={}", slurm["account"]),
         ("--output={}", slurm["output"]),
-        ("--chdir={}", cwd),
+        ("--chdir={}", target.cwd),
     ]
     for form, value in optional:
         if value is not None and CONTROL_CHARACTERS.search(str(value)):
@@ -164,34 +178,37 @@ def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job
         if CONTROL_CHARACTERS.search(directive) or not directive.startswith("-"):
             raise ConfigError(f"slurm.directives: {printable(repr(directive))} is not an sbatch option such as "
                               "--qos=high")
-        lines.append(f"#SBATCH {directive}")
+    return directives
 
-    lines += ["", "set -euo pipefail", ""]
-    if slurm["setup"]:
-        lines.append("# slurm.setup")
-        lines.extend(slurm["setup"])
+
+def _srun_lines(target: Target) -> list[str]:
+    """slurm.launch: srun starts every rank itself, with the rank environment exported."""
+    config, job, slurm = target.config, target.job, target.config["slurm"]
+    lines = []
+    env = rank_environment(config)
+    if env:
+        lines.append("# Horovod knobs, launcher.env and launcher.network_interfaces for every rank"
+                     " (srun passes the environment on).")
+        lines.extend(f"export {name}={shlex.quote(value)}" for name, value in env.items())
         lines.append("")
+    if job.verify:
+        worker = verify_argv(config, job.verify_args)
+    else:
+        resolved = copy.deepcopy(config)
+        resolved["run"]["dir"] = absolute(config["run"]["dir"], target.cwd)
+        worker = worker_argv(resolved, target.config_file, list(target.overrides))
+    ranks = target.nodes * target.per_node
+    srun = ["srun", f"--mpi={slurm['srun_mpi']}", f"--nodes={target.nodes}", f"--ntasks={ranks}",
+            f"--ntasks-per-node={target.per_node}", "--cpu-bind=none", "--kill-on-bad-exit=1"]
+    lines.append("# srun starts every rank; Horovod runs its MPI controller (no SSH, no horovodrun).")
+    lines.append("exec " + shlex.join(srun + worker))
+    return lines
 
-    if slurm["launch"] == "srun":
-        env = rank_environment(config)
-        if env:
-            lines.append("# Horovod knobs, launcher.env and launcher.network_interfaces for every rank"
-                         " (srun passes the environment on).")
-            lines.extend(f"export {name}={shlex.quote(value)}" for name, value in env.items())
-            lines.append("")
-        if job.verify:
-            worker = verify_argv(config, job.verify_args)
-        else:
-            resolved = copy.deepcopy(config)
-            resolved["run"]["dir"] = absolute(config["run"]["dir"], cwd)
-            worker = worker_argv(resolved, config_file, list(overrides))
-        srun = ["srun", f"--mpi={slurm['srun_mpi']}", f"--nodes={nodes}", f"--ntasks={nodes * per_node}",
-                f"--ntasks-per-node={per_node}", "--cpu-bind=none", "--kill-on-bad-exit=1"]
-        lines.append("# srun starts every rank; Horovod runs its MPI controller (no SSH, no horovodrun).")
-        lines.append("exec " + shlex.join(srun + worker))
-        return "\n".join(lines) + "\n"
 
-    lines += [
+def _launcher_lines(target: Target) -> list[str]:
+    """slurm.launch: launcher: dist-bn-launch on the first node, given the allocation's nodes as hosts."""
+    launcher, job, per_node = target.config["launcher"], target.job, target.per_node
+    lines = [
         "# The allocation's nodes as launcher hosts, e.g. node1:R,node2:R "
         f"(R = {per_node} ranks per node).",
         'hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" |',
@@ -204,13 +221,28 @@ def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job
         "",
         f"# dist-bn-launch ({launcher['backend']}) on this, the first node, reaches the others over SSH.",
     ]
-    argv = [python, "-m", "launch"] + (["verify"] if job.verify else []) + [config_file, *overrides]
+    python = launcher["python"] or sys.executable
+    argv = [python, "-m", "launch"] + (["verify"] if job.verify else []) + [target.config_file, *target.overrides]
     if launcher["hostfile"] is not None:
         argv.append("launcher.hostfile=null")
     command = "exec " + shlex.join(argv) + ' "launcher.hosts=$hosts"'
     if job.verify and job.verify_args:
         command += " -- " + shlex.join(job.verify_args)
     lines.append(command)
+    return lines
+
+
+def slurm_script(config: Config, config_path: str, overrides: Sequence[str], job: Job,
+                 cwd: str | None = None) -> str:
+    """An sbatch script that runs `job` with `config` on the allocated nodes."""
+    target = Target.of(config, config_path, overrides, job, cwd)
+    slurm = config["slurm"]
+    lines = ["#!/bin/bash", *_header("a Slurm batch script", job), "# Submit: sbatch THIS_FILE"]
+    lines += [f"#SBATCH {directive}" for directive in sbatch_directives(target)]
+    lines += ["", "set -euo pipefail", ""]
+    if slurm["setup"]:
+        lines += ["# slurm.setup", *slurm["setup"], ""]
+    lines += _srun_lines(target) if slurm["launch"] == "srun" else _launcher_lines(target)
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +260,90 @@ def _run_dir_in_pod(config: Config) -> str:
     return posixpath.normpath(posixpath.join(config["k8s"]["workdir"], config["run"]["dir"]))
 
 
+def _pod_volumes(config: Config) -> tuple[list, list, list]:
+    """(volumes, launcher mounts, worker mounts): the config map, a memory-backed
+    /dev/shm on the workers, and k8s.runs_volume_claim at run.dir's parent."""
+    config_volume = {"name": "dist-bn-config", "configMap": {"name": _config_map_name(config)}}
+    config_mount = {"name": "dist-bn-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}
+    volumes, launcher_mounts, worker_mounts = [config_volume], [config_mount], [config_mount]
+    # NCCL and Horovod exchange data through /dev/shm; a container's default is 64 MB.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    worker_mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    claim = config["k8s"]["runs_volume_claim"]
+    if claim is not None:
+        runs_parent = posixpath.dirname(_run_dir_in_pod(config))
+        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": claim}})
+        launcher_mounts.append({"name": "runs", "mountPath": runs_parent})
+        worker_mounts.append({"name": "runs", "mountPath": runs_parent})
+    return volumes, launcher_mounts, worker_mounts
+
+
+def _config_map_name(config: Config) -> str:
+    return f"{config['cluster']['job_name']}-run-config"  # the operator itself makes NAME-config
+
+
+def _worker_resources(config: Config, per_node: int) -> dict:
+    """A worker pod's requests and limits: CPUs for its ranks, memory, GPUs."""
+    cluster = config["cluster"]
+    requests, limits = {}, {}
+    if cluster["cpus_per_rank"] is not None:
+        requests["cpu"] = str(cluster["cpus_per_rank"] * per_node)
+    if cluster["memory_gb"] is not None:
+        requests["memory"] = limits["memory"] = f"{cluster['memory_gb']}Gi"
+    if cluster["gpus_per_node"]:
+        limits["nvidia.com/gpu"] = cluster["gpus_per_node"]
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _launcher_container(config: Config, job: Job, mounts: list) -> dict:
+    """The launcher pod's container: dist-bn-launch on the mounted config, once the host file exists."""
+    k8s = config["k8s"]
+    config_file = posixpath.join(CONFIG_MOUNT_PATH, CONFIG_FILE_NAME)
+    args = ["launcher", "dist-bn-launch"] + (["verify"] if job.verify else []) + [config_file]
+    if job.verify and job.verify_args:
+        args += ["--", *job.verify_args]
+    return {
+        "name": "launcher",
+        "image": config["cluster"]["image"],
+        "imagePullPolicy": k8s["image_pull_policy"],
+        "workingDir": k8s["workdir"],
+        "args": args,
+        # Also waits where the operator has no launcherCreationPolicy (before v0.5).
+        "env": [{"name": "WAIT_FOR_HOSTFILE", "value": OPERATOR_HOSTFILE},
+                {"name": "SSH_PORT", "value": str(k8s["ssh_port"])},
+                {"name": "WAIT_TIMEOUT", "value": "600"}],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+        "volumeMounts": mounts,
+    }
+
+
+def _worker_container(config: Config, mounts: list, per_node: int) -> dict:
+    """A worker pod's container: the image's SSH server, ready when it answers."""
+    k8s, port = config["k8s"], config["k8s"]["ssh_port"]
+    container = {
+        "name": "worker",
+        "image": config["cluster"]["image"],
+        "imagePullPolicy": k8s["image_pull_policy"],
+        "workingDir": k8s["workdir"],
+        "args": ["worker"],
+        "env": [{"name": "SSH_PORT", "value": str(port)},
+                {"name": "SSH_KEYS_DIR", "value": SSH_AUTH_MOUNT_PATH}],
+        "ports": [{"name": "ssh", "containerPort": port}],
+        "readinessProbe": {"tcpSocket": {"port": port}, "initialDelaySeconds": 2, "periodSeconds": 5},
+        "volumeMounts": mounts,
+    }
+    resources = _worker_resources(config, per_node)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _replica(replicas: int, container: dict, volumes: list, labels: dict) -> dict:
+    return {"replicas": replicas, "restartPolicy": "Never",
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"containers": [container], "volumes": volumes}}}
+
+
 def mpijob_manifest(config: Config, job: Job) -> str:
     """A ConfigMap with the resolved config and an MPIJob that runs `job`."""
     nodes, per_node = cluster_shape(config)
@@ -236,75 +352,15 @@ def mpijob_manifest(config: Config, job: Job) -> str:
         raise ConfigError("cluster.image: --emit k8s-mpijob needs the image the pods run, with dist_bn "
                           "installed (build docker/Dockerfile.gpu, push it, then cluster.image=REGISTRY/dist-bn:TAG)")
     name, namespace = cluster["job_name"], k8s["namespace"]
-    port = k8s["ssh_port"]
-    pod_config = _pod_config(config, nodes, per_node)
-    config_map_name = f"{name}-run-config"  # the operator itself makes NAME-config
-    config_file = posixpath.join(CONFIG_MOUNT_PATH, CONFIG_FILE_NAME)
-
-    launcher_args = ["launcher", "dist-bn-launch"] + (["verify"] if job.verify else []) + [config_file]
-    if job.verify and job.verify_args:
-        launcher_args += ["--", *job.verify_args]
-
-    config_volume = {"name": "dist-bn-config", "configMap": {"name": config_map_name}}
-    config_mount = {"name": "dist-bn-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}
-    volumes, launcher_mounts, worker_mounts = [config_volume], [config_mount], [config_mount]
-    # NCCL and Horovod exchange data through /dev/shm; a container's default is 64 MB.
-    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-    worker_mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    if k8s["runs_volume_claim"] is not None:
-        runs_parent = posixpath.dirname(_run_dir_in_pod(config))
-        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": k8s["runs_volume_claim"]}})
-        launcher_mounts.append({"name": "runs", "mountPath": runs_parent})
-        worker_mounts.append({"name": "runs", "mountPath": runs_parent})
-
-    worker_resources: dict = {}
-    requests, limits = {}, {}
-    if cluster["cpus_per_rank"] is not None:
-        requests["cpu"] = str(cluster["cpus_per_rank"] * per_node)
-    if cluster["memory_gb"] is not None:
-        requests["memory"] = limits["memory"] = f"{cluster['memory_gb']}Gi"
-    if cluster["gpus_per_node"]:
-        limits["nvidia.com/gpu"] = cluster["gpus_per_node"]
-    if requests:
-        worker_resources["requests"] = requests
-    if limits:
-        worker_resources["limits"] = limits
-
-    labels = {"app.kubernetes.io/name": "dist-bn", "app.kubernetes.io/instance": name}
-    launcher_container = {
-        "name": "launcher",
-        "image": cluster["image"],
-        "imagePullPolicy": k8s["image_pull_policy"],
-        "workingDir": k8s["workdir"],
-        "args": launcher_args,
-        # Also waits where the operator has no launcherCreationPolicy (before v0.5).
-        "env": [{"name": "WAIT_FOR_HOSTFILE", "value": OPERATOR_HOSTFILE},
-                {"name": "SSH_PORT", "value": str(port)},
-                {"name": "WAIT_TIMEOUT", "value": "600"}],
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
-        "volumeMounts": launcher_mounts,
-    }
-    worker_container = {
-        "name": "worker",
-        "image": cluster["image"],
-        "imagePullPolicy": k8s["image_pull_policy"],
-        "workingDir": k8s["workdir"],
-        "args": ["worker"],
-        "env": [{"name": "SSH_PORT", "value": str(port)},
-                {"name": "SSH_KEYS_DIR", "value": SSH_AUTH_MOUNT_PATH}],
-        "ports": [{"name": "ssh", "containerPort": port}],
-        "readinessProbe": {"tcpSocket": {"port": port}, "initialDelaySeconds": 2, "periodSeconds": 5},
-        "volumeMounts": worker_mounts,
-    }
-    if worker_resources:
-        worker_container["resources"] = worker_resources
+    volumes, launcher_mounts, worker_mounts = _pod_volumes(config)
     launcher_volumes = [v for v in volumes if v["name"] in {m["name"] for m in launcher_mounts}]
+    labels = {"app.kubernetes.io/name": "dist-bn", "app.kubernetes.io/instance": name}
 
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": config_map_name, "namespace": namespace, "labels": labels},
-        "data": {CONFIG_FILE_NAME: _dump(pod_config)},
+        "metadata": {"name": _config_map_name(config), "namespace": namespace, "labels": labels},
+        "data": {CONFIG_FILE_NAME: _dump(_pod_config(config, nodes, per_node))},
     }
     mpijob = {
         "apiVersion": MPIJOB_API_VERSION,
@@ -318,18 +374,9 @@ def mpijob_manifest(config: Config, job: Job) -> str:
             # The launcher starts once every worker's SSH server answers (readinessProbe).
             "launcherCreationPolicy": "WaitForWorkersReady",
             "mpiReplicaSpecs": {
-                "Launcher": {
-                    "replicas": 1,
-                    "restartPolicy": "Never",
-                    "template": {"metadata": {"labels": labels},
-                                 "spec": {"containers": [launcher_container], "volumes": launcher_volumes}},
-                },
-                "Worker": {
-                    "replicas": nodes,
-                    "restartPolicy": "Never",
-                    "template": {"metadata": {"labels": labels},
-                                 "spec": {"containers": [worker_container], "volumes": volumes}},
-                },
+                "Launcher": _replica(1, _launcher_container(config, job, launcher_mounts), launcher_volumes,
+                                     labels),
+                "Worker": _replica(nodes, _worker_container(config, worker_mounts, per_node), volumes, labels),
             },
         },
     }

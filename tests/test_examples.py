@@ -2,12 +2,15 @@
 import os
 import re
 
+import pytest
+
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
 ROOT = str(REPO)
 
 
+@pytest.mark.mpirun
 def test_global_vs_local_statistics_example():
     result = run_ranks(mpirun_argv(2, os.path.join(ROOT, "examples", "global_vs_local_statistics.py")))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -21,6 +21,8 @@ import horovod.tensorflow as hvd
 import keras
 import tensorflow as tf
 
+from dist_bn import keras_backend
+
 _MARK = "_dist_bn_allreduce"
 
 
@@ -73,6 +75,7 @@ def DistributedOptimizer(optimizer, name=None, compression=hvd.Compression.none,
     `optimizer.get_config()`; a built `optimizer`'s state (iterations, slots)
     is carried over.
     """
+    keras_backend.require_tensorflow("DistributedOptimizer")
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError("DistributedOptimizer wraps a keras.optimizers.Optimizer; got "
                         f"{type(optimizer).__name__}. Pass e.g. keras.optimizers.SGD(...).")

@@ -7,12 +7,15 @@ import json
 import os
 import sys
 
+import pytest
+
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
 ROOT = str(REPO)
 
 
+@pytest.mark.mpirun
 def test_bench_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     result = run_ranks(mpirun_argv(2, "-m", "dist_bn.bench.cli", "--steps", "2", "--warmup", "1",
@@ -43,6 +46,7 @@ def test_bench_reports_every_section(tmp_path):
     assert "sync/local" in result.stdout
 
 
+@pytest.mark.e2e
 def test_bench_refuses_to_overwrite_results(tmp_path):
     out = tmp_path / "bench.json"
     out.write_text("{}")

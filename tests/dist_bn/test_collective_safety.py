@@ -21,6 +21,8 @@ import pytest
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import CASES
 
+pytestmark = pytest.mark.mpirun
+
 ORDERING_SCRIPT = str(CASES / "ordering_cases.py")
 FAULT_SCRIPT = str(CASES / "fault_cases.py")
 TIMEOUT_S = 10

@@ -8,6 +8,7 @@ import pytest
 import dist_bn
 from dist_bn import SyncBatchNormalization
 from dist_bn.convert import batchnorm_paths, walk
+from bn_weights import randomize_bn
 
 RNG = np.random.RandomState(3)
 
@@ -40,13 +41,7 @@ BUILDERS = {"sequential_in_functional": (sequential_in_functional, (4, 4, 3),
 
 
 def randomize_statistics(model):
-    for _, layer in walk(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            channels = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(RNG.randn(channels))
-            layer.moving_variance.assign(RNG.rand(channels) + 0.5)
-            layer.gamma.assign(RNG.rand(channels) + 0.5)
-            layer.beta.assign(RNG.randn(channels))
+    randomize_bn(model, RNG)
 
 
 def weights_by_path(model):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dist_bn import export
-from dist_bn.convert import walk
+from bn_weights import randomize_bn
 from dist_bn.training.checkpoint import Checkpoints
 from dist_bn.training.distributed import World
 from dist_bn.training.model import build_model
@@ -70,14 +70,7 @@ def run_dir(tmp_path_factory):
     run.mkdir()
     save_config(run, config)
     model = build_model(config["model"], config["data"])
-    rng = np.random.RandomState(0)
-    for _, layer in walk(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.randn(c))
-            layer.moving_variance.assign(rng.rand(c) + 0.2)
-            layer.gamma.assign(rng.rand(c) + 0.5)
-            layer.beta.assign(rng.randn(c))
+    randomize_bn(model, np.random.RandomState(0), min_variance=0.2)
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
     optimizer.build(model.trainable_variables)
     Checkpoints(run, model, optimizer, World(0, 1, 0)).save(1)

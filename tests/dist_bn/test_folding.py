@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dist_bn
-from dist_bn.convert import batchnorm_paths, walk
+from dist_bn.convert import batchnorm_paths
+from bn_weights import randomize_bn
 from dist_bn.folding import folded_weights
 from dist_bn.training.model import build_model
 
@@ -20,15 +21,7 @@ def fresh_random_state():
 
 
 def randomize_statistics(model, offset=0.0):
-    for _, layer in walk(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(RNG.randn(c) + offset)
-            layer.moving_variance.assign(RNG.rand(c) * 4 + 0.05)
-            if layer.scale:
-                layer.gamma.assign(RNG.randn(c))
-            if layer.center:
-                layer.beta.assign(RNG.randn(c))
+    randomize_bn(model, RNG, mean_offset=offset, min_variance=0.05, variance_span=4.0, signed_gamma=True)
 
 
 def relative_error(a, b):

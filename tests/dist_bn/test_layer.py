@@ -218,3 +218,16 @@ def test_bad_input_gets_a_clear_error(make, call, message):
 def test_sync_moments_rejects_integers():
     with pytest.raises(TypeError, match="floating-point"):
         dist_bn.sync_moments(tf.ones([2, 3], tf.int32), axes=[0])
+
+
+def test_another_keras_backend_fails_at_construction_in_one_line(monkeypatch):
+    """Keras on JAX (only TensorFlow's backend is installed here, so Keras is
+    told it runs on JAX): the layer and DistributedOptimizer refuse to be built."""
+    import dist_bn.keras
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    for what, make in (("SyncBatchNormalization", dist_bn.SyncBatchNormalization),
+                       ("DistributedOptimizer", lambda: dist_bn.keras.DistributedOptimizer(keras.optimizers.SGD()))):
+        with pytest.raises(RuntimeError) as info:
+            make()
+        assert str(info.value) == (f"{what} needs Keras's TensorFlow backend, but Keras runs on 'jax'; "
+                                   "set KERAS_BACKEND=tensorflow before Keras is imported.")

@@ -14,6 +14,8 @@ import pytest
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import CASES
 
+pytestmark = pytest.mark.mpirun
+
 SCRIPT = str(CASES / "exactness_cases.py")
 SCALE_CASES = ("3.2M_per_rank_offset_1e4", "401k_per_rank_ncdhw_offset_1e3")
 MASK_CASES = ("masked_sequences", "masked_clips_ndhwc", "masked_channels_first")

@@ -33,6 +33,7 @@ def reports(tmp_path_factory):
 CASES = ["sync_dense", "sync_conv3d", "keras_dense", "keras_conv3d"]
 
 
+@pytest.mark.mpirun
 @pytest.mark.parametrize("case", CASES)
 def test_stacked_bn_matches_float64_numpy_on_every_rank(reports, case):
     assert len(reports) == 3
@@ -51,6 +52,7 @@ def test_stacked_bn_matches_float64_numpy_on_every_rank(reports, case):
             assert result["fvcore_variance_error"][layer] > 1e-2
 
 
+@pytest.mark.mpirun
 def test_a_rank_running_out_of_data_fails_every_rank(reports):
     for report in reports:
         assert "ran out after 1 of 3 batches on 1 of 3 rank(s)" in report["ran_out"]
@@ -121,6 +123,7 @@ run: {dir: run, tensorboard: false}
 """
 
 
+@pytest.mark.e2e
 def test_training_job_checkpoints_precise_statistics(tmp_path):
     """train.precise_bn_batches: the checkpoint holds exactly what precise_bn
     computes from the final weights over that epoch's first batches (6 > the

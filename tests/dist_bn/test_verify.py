@@ -1,4 +1,4 @@
-"""dist-bn-verify (dist_bn.verify) and `dist-bn-launch verify`.
+"""dist-bn-verify (the dist_bn.verify package) and `dist-bn-launch verify`.
 
 The pure parts (process-set layouts, batch sizes, judging, the table, usage
 errors) run in this process; the command itself runs as one process, and as
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_bn import verify
-from dist_bn.verify import Case, Row, UsageError
+from dist_bn.verify import cases, cli, judge, world
+from dist_bn.verify.cases import Case, UsageError
+from dist_bn.verify.judge import Row
 from paths import REPO
 
 QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
@@ -35,7 +36,7 @@ QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTEROP_THREADS="1", T
     ("2,0-1", 3, [[0, 1, 2]]),
 ])
 def test_parse_partition(spec, size, groups):
-    assert verify.parse_partition(spec, size) == groups
+    assert world.parse_partition(spec, size) == groups
 
 
 @pytest.mark.parametrize("spec, size, message", [
@@ -47,29 +48,29 @@ def test_parse_partition(spec, size, groups):
 ])
 def test_parse_partition_errors(spec, size, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        verify.parse_partition(spec, size)
+        world.parse_partition(spec, size)
 
 
 def test_node_partition_from_local_ranks():
     layout = [(0, 0, 2), (1, 1, 2), (2, 0, 3), (3, 1, 3), (4, 2, 3), (5, 0, 1)]
-    assert verify.node_partition(layout) == [[0, 1], [2, 3, 4], [5]]
+    assert world.node_partition(layout) == [[0, 1], [2, 3, 4], [5]]
 
 
 def test_node_partition_needs_consecutive_ranks():
     by_node = [(0, 0, 2), (1, 0, 2), (2, 1, 2), (3, 1, 2)]  # mpirun -map-by node
     with pytest.raises(UsageError, match="ranks of each node to be consecutive, but rank 1 has local rank 0"):
-        verify.node_partition(by_node)
+        world.node_partition(by_node)
 
 
 # --- data --------------------------------------------------------------------------------
 
 
 def test_batch_sizes():
-    assert verify.batch_sizes("uneven", 3) == [1, 3, 5]
-    assert verify.batch_sizes("one_empty", 3) == [2, 3, 0]
-    assert verify.batch_sizes("all_empty", 2) == [0, 0]
-    assert sum(verify.batch_sizes("uneven", 128)) == 16 * 64  # linear in the world size
-    assert len(set(verify.batch_sizes("uneven", 8))) == 8
+    assert cases.batch_sizes("uneven", 3) == [1, 3, 5]
+    assert cases.batch_sizes("one_empty", 3) == [2, 3, 0]
+    assert cases.batch_sizes("all_empty", 2) == [0, 0]
+    assert sum(cases.batch_sizes("uneven", 128)) == 16 * 64  # linear in the world size
+    assert len(set(cases.batch_sizes("uneven", 8))) == 8
 
 
 def test_bfloat16_rounding_matches_tensorflow():
@@ -78,36 +79,38 @@ def test_bfloat16_rounding_matches_tensorflow():
     x = np.concatenate([rng.randn(1000) * 10 ** rng.uniform(-3, 4, 1000),
                         [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 0.0, 65504.0]]).astype(np.float32)
     expected = tf.cast(tf.cast(x, tf.bfloat16), tf.float32).numpy()
-    np.testing.assert_array_equal(verify._round_to_bfloat16(x), expected)
+    np.testing.assert_array_equal(cases.round_to_bfloat16(x), expected)
 
 
 def test_global_batches_are_the_same_everywhere_and_exact_in_their_dtype():
     case = Case("c", (3, 4), -1, sizes="uneven", dtype="mixed_bfloat16")
-    (a, _), (b, _) = verify.global_batches(case, 9), verify.global_batches(case, 9)
+    (a, _), (b, _) = cases.global_batches(case, 9), cases.global_batches(case, 9)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert all(np.array_equal(x, verify._round_to_bfloat16(x)) for x in a)
-    half, _ = verify.global_batches(Case("h", (3,), -1, dtype="mixed_float16"), 4)
+    assert all(np.array_equal(x, cases.round_to_bfloat16(x)) for x in a)
+    half, _ = cases.global_batches(Case("h", (3,), -1, dtype="mixed_float16"), 4)
     assert half[0].dtype == np.float16
 
 
 def test_scaled_error():
-    assert verify.scaled_error([1.0, 2.0], [1.0, 2.5]) == pytest.approx(0.2)
-    assert verify.scaled_error([0.1], [0.0]) == pytest.approx(0.1)  # below 1: absolute
-    assert verify.scaled_error([], np.zeros(0)) == 0.0
-    assert verify.scaled_error([np.nan], [1.0]) == float("inf")
-    assert verify.scaled_error([1.0, 2.0], [1.0]) == float("inf")
+    assert judge.scaled_error([1.0, 2.0], [1.0, 2.5]) == pytest.approx(0.2)
+    assert judge.scaled_error([0.1], [0.0]) == pytest.approx(0.1)  # below 1: absolute
+    assert judge.scaled_error([], np.zeros(0)) == 0.0
+    assert judge.scaled_error([np.nan], [1.0]) == float("inf")
+    assert judge.scaled_error([1.0, 2.0], [1.0]) == float("inf")
 
 
 def test_catalog_and_tolerances():
-    cases = verify.selected_cases(None, ["float32", "bfloat16"])
-    names = [(c.name, c.dtype) for c in cases]
+    chosen = cases.selected_cases(None, ["float32", "bfloat16"])
+    names = [(c.name, c.dtype) for c in chosen]
     assert ("conv3d_ndhwc_offset_1e3", "float32") in names
     assert ("conv3d_ndhwc_offset_1e3", "mixed_bfloat16") not in names
-    assert len(cases) == 2 * len(verify.CATALOG) - 1
-    assert verify.tolerances(Case("x", (1,), -1, offset=1e3)) is verify.OFFSET
-    assert verify.tolerances(Case("x", (1,), -1, dtype="mixed_float16")) is verify.FLOAT16
+    assert len(chosen) == 2 * len(cases.CATALOG) - 1
+    assert cases.tolerances(Case("x", (1,), -1, offset=1e3)) is cases.OFFSET
+    assert cases.tolerances(Case("x", (1,), -1, dtype="mixed_float16")) is cases.FLOAT16
+    assert cases.keras_tolerances(Case("x", (1,), -1, offset=1e3)) is cases.KERAS_OFFSET
+    assert cases.keras_tolerances(Case("x", (1,), -1)) is cases.FLOAT32
     with pytest.raises(UsageError, match="unknown case 'nope'"):
-        verify.selected_cases(["nope"], ["float32"])
+        cases.selected_cases(["nope"], ["float32"])
 
 
 # --- judging and the table ----------------------------------------------------------------
@@ -122,35 +125,64 @@ def result(**errors):
 
 
 def test_judge_passes_and_shows_the_error_closest_to_its_tolerance():
-    row, failures = verify.judge_case("all", "float32", "c", [(0, result(y=2e-6)), (1, result(dx=5e-6))],
-                                      verify.FLOAT32)
+    row, failures = judge.judge_case("all", "float32", "c", [(0, result(y=2e-6)), (1, result(dx=5e-6))],
+                                      cases.FLOAT32)
     assert failures == [] and row.passed
     assert (row.worst, row.error, row.tolerance) == ("dx r1", 5e-6, 1e-5)
 
 
 def test_judge_fails_on_any_rank():
-    row, failures = verify.judge_case("node", "float32", "c", [(0, result()), (1, result(dgamma=3e-5))],
-                                      verify.FLOAT32)
+    row, failures = judge.judge_case("node", "float32", "c", [(0, result()), (1, result(dgamma=3e-5))],
+                                      cases.FLOAT32)
     assert not row.passed and failures == ["rank 1 dgamma: 3e-05 > 1e-05"]
 
 
 def test_judge_fails_on_a_broken_check():
     bad = result()
     bad["moving_bitwise_equal_across_ranks"] = False
-    row, failures = verify.judge_case("all", "float32", "c", [(0, result()), (1, bad)], verify.FLOAT32)
+    row, failures = judge.judge_case("all", "float32", "c", [(0, result()), (1, bad)], cases.FLOAT32)
     assert not row.passed and failures == ["rank 1: moving statistics differ between ranks of the set"]
     assert row.worst == failures[0]
 
 
 def test_judge_scales_tolerances():
-    row, _ = verify.judge_case("all", "float32", "c", [(0, result(y=2e-5))], verify.FLOAT32, scale=10)
+    row, _ = judge.judge_case("all", "float32", "c", [(0, result(y=2e-5))], cases.FLOAT32, scale=10)
     assert row.passed and row.tolerance == pytest.approx(1e-4)
-    row, failures = verify.judge_case("all", "float32", "c", [(0, result(y=1e-9))], verify.FLOAT32, scale=0)
+    row, failures = judge.judge_case("all", "float32", "c", [(0, result(y=1e-9))], cases.FLOAT32, scale=0)
     assert not row.passed and failures
 
 
+def test_judge_results_uses_each_case_s_tolerances_and_every_reference():
+    from dist_bn.verify.judge import Result
+    offset = Case("off", (3,), -1, offset=1e3)
+    layer = dict(result(), case=offset.as_dict(), vs_keras={"y": 1e-3, "dx": 0.0})
+    bad_stats = dict(layer, statistics={"mean": 2e-6, "variance": 0.0}, count_exact=False)
+    keras_off = dict(layer, vs_keras={"y": 3e-3})
+    mismatch_ok, mismatch_bad = {"error": "channel counts differ across ranks (...)"}, {"error": None}
+    moments = {"vs_numpy": {"mean": 1e-7, "variance": 2e-6, "dx": 0.0}}
+    everyone = [[Result("all", "float32", "off", layer), Result("all", "float32", "sync_moments", moments),
+                 Result("all", "float32", "channel_mismatch", mismatch_ok)],
+                [Result("all", "float32", "off", bad_stats), Result("all", "float32", "sync_moments", moments),
+                 Result("all", "float32", "channel_mismatch", mismatch_bad)]]
+    rows, failures = judge.judge_results(everyone)
+    assert [row.passed for row in rows] == [False, False, False]
+    assert failures == ["all float32 off: rank 1 mean: 2e-06 > 1e-06",
+                        "all float32 off: rank 1: global count differs from the reference",
+                        "all float32 sync_moments: rank 0 variance: 2e-06 > 1e-06",
+                        "all float32 sync_moments: rank 1 variance: 2e-06 > 1e-06",
+                        "all float32 channel_mismatch: rank 1: no clear error for mismatched channels"]
+    rows, failures = judge.judge_results([[Result("all", "float32", "off", keras_off)]])
+    assert failures == ["all float32 off: rank 0 y (vs Keras): 0.003 > 0.002"]  # KERAS_OFFSET's y
+
+
+def test_nodes_from_local_ranks():
+    layout = ((0, 0, 2), (1, 1, 2), (2, 0, 1))
+    assert world.node_blocks(layout) == [[0, 1], [2]]
+    assert world.World({}, layout).node_sizes == [2, 1]
+
+
 def test_format_table():
-    table = verify.format_table([Row("all", "float32", "dense", "y r0", 1.5e-7, 1e-5, True),
+    table = judge.format_table([Row("all", "float32", "dense", "y r0", 1.5e-7, 1e-5, True),
                                  Row("all", "float32", "channel_mismatch", "error on every rank", None, None, False)])
     lines = table.splitlines()
     assert lines[0].split() == ["set", "dtype", "case", "worst", "error", "tolerance", "result"]
@@ -159,8 +191,8 @@ def test_format_table():
 
 
 def test_hosts_line():
-    assert verify.hosts_line(["a", "a", "b"]) == "hosts: a (ranks 0-1), b (rank 2)"
-    assert verify.hosts_line([f"n{i}" for i in range(10)]).endswith("n7 (rank 7), ... 2 more")
+    assert judge.hosts_line(["a", "a", "b"]) == "hosts: a (ranks 0-1), b (rank 2)"
+    assert judge.hosts_line([f"n{i}" for i in range(10)]).endswith("n7 (rank 7), ... 2 more")
 
 
 def test_gloo_loopback_warning(monkeypatch):
@@ -169,12 +201,12 @@ def test_gloo_loopback_warning(monkeypatch):
     monkeypatch.setenv("HOROVOD_CROSS_SIZE", "2")
     monkeypatch.setattr(socket, "gethostname", lambda: "node7")
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
-    assert "'node7' resolves to 127.0.1.1" in verify.gloo_loopback_warning()
+    assert "'node7' resolves to 127.0.1.1" in world.gloo_loopback_warning()
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.0.0.7")
-    assert verify.gloo_loopback_warning() is None
+    assert world.gloo_loopback_warning() is None
     monkeypatch.setenv("HOROVOD_CROSS_SIZE", "1")  # one host: loopback is fine
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
-    assert verify.gloo_loopback_warning() is None
+    assert world.gloo_loopback_warning() is None
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -189,21 +221,21 @@ def test_gloo_loopback_warning(monkeypatch):
 def test_usage_errors_exit_2_before_horovod_starts(monkeypatch, capsys, argv, message):
     monkeypatch.setenv("HOROVOD_SIZE", "3")
     monkeypatch.setenv("HOROVOD_RANK", "0")
-    assert verify.main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"dist-bn-verify: error: {message}" + err.split(message, 1)[1] and err.count("\n") == 1
 
 
 def test_usage_errors_are_printed_by_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv("HOROVOD_RANK", "1")
-    assert verify.main(["--dtypes", "float64"]) == 2
+    assert cli.main(["--dtypes", "float64"]) == 2
     assert capsys.readouterr().err == ""
 
 
 def test_list(capsys):
-    assert verify.main(["--list"]) == 0
+    assert cli.main(["--list"]) == 0
     out = capsys.readouterr().out
-    for case in verify.CATALOG:
+    for case in cases.CATALOG:
         assert case.name in out
     assert "conv3d_ndhwc_offset_1e3: sample (3, 4, 5, 6), axis -1, batches uneven, channel offsets 1000..6000" in out
 
@@ -213,6 +245,7 @@ def run_verify(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           env=QUIET, cwd=REPO, timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_one_process_passes_and_writes_json(tmp_path):
     report = tmp_path / "verify.json"
     result = run_verify("--dtypes", "float32", "bfloat16", "--cases", "conv2d_nhwc_one_empty",
@@ -232,6 +265,7 @@ def test_one_process_passes_and_writes_json(tmp_path):
     assert first["batch_sizes"] == [0] and first["count_exact"] and set(first["statistics"]) == {"mean", "variance"}
 
 
+@pytest.mark.e2e
 def test_a_mismatch_exits_1_with_the_failures_listed():
     result = run_verify("--dtypes", "float32", "--cases", "conv3d_ndhwc_uneven", "--tolerance-scale", "0")
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
@@ -260,6 +294,7 @@ def test_dist_bn_launch_verify_puts_verify_options_after_dashes(tmp_path, capsys
     assert "options of dist-bn-verify go after --" in capsys.readouterr().err
 
 
+@pytest.mark.mpirun
 def test_dist_bn_launch_verify_two_ranks_with_mpirun():
     """Two ranks on this machine under the config's launcher settings (mpirun),
     with the world, per-node and explicit process sets and a half dtype."""

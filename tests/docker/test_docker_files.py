@@ -28,6 +28,8 @@ from cluster_helpers import ENTRYPOINT, ensure_sshd, free_port, stop, wait_for_l
 from launch.config import load_config
 from paths import REPO
 
+pytestmark = pytest.mark.docker
+
 DOCKER = REPO / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "gpu": DOCKER / "Dockerfile.gpu"}
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",

@@ -24,6 +24,8 @@ import pytest
 from cluster_helpers import TwoHosts, ensure_sshd, netns_unavailable_reason
 from paths import REPO
 
+pytestmark = pytest.mark.cluster
+
 VERIFY_ARGS = ["--dtypes", "float32", "float16", "--process-sets", "all", "node",
                "--cases", "dense_2d_uneven", "conv3d_ndhwc_uneven", "conv3d_ndhwc_offset_1e3"]
 

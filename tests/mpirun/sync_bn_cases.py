@@ -5,7 +5,7 @@ rank draws the same global batches from a seed, keeps its own slice, trains
 the layer on it, and measures its results against float64 NumPy and against
 keras.layers.BatchNormalization, both run on the whole concatenated batch.
 Errors are written, per case, to REPORT_DIR/rank<R>.json; the pytest side
-(tests/dist_bn/test_mpirun.py) holds the tolerances and asserts.
+(tests/dist_bn/test_mpirun.py) judges them with dist-bn-verify's own judge.
 
 Usage: python sync_bn_cases.py REPORT_DIR
 """
@@ -15,8 +15,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dist_bn import verify  # noqa: E402
-from dist_bn.verify import Case  # noqa: E402
+from dist_bn.verify import run, world  # noqa: E402
+from dist_bn.verify.cases import Case  # noqa: E402
 
 # (case, subset): subset cases sync within ranks {0..n-2} beside {n-1} (3+ ranks).
 CASES = [
@@ -41,7 +41,7 @@ CASES = [
 def main(report_dir):
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("HOROVOD_SIZE") or 1)
     subset = f"0-{size - 2}:{size - 1}" if size >= 3 else None
-    groups = verify.init(["all"] + ([subset] if subset else []), device="cpu")
+    groups = world.init(["all"] + ([subset] if subset else []), device="cpu").groups
     import horovod.tensorflow as hvd
 
     report = {"world": hvd.size(), "cases": {}}
@@ -49,9 +49,10 @@ def main(report_dir):
         if in_subset and subset is None:
             continue
         group = groups[subset] if in_subset else groups["all"]
-        report["cases"][case.name] = verify.run_case(case, group, compare_keras=True, prefix="test")
-    report["cases"]["sync_moments"] = verify.run_sync_moments()
-    report["cases"]["channel_mismatch"] = verify.run_channel_mismatch()
+        report["cases"][case.name] = dict(run.run_case(case, group, compare_keras=True, prefix="test"),
+                                          layout=group.label)
+    report["cases"]["sync_moments"] = run.run_sync_moments()
+    report["cases"]["channel_mismatch"] = run.run_channel_mismatch()
     with open(os.path.join(report_dir, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(report, f, indent=1)
 

@@ -13,6 +13,8 @@ import pytest
 from mpirun_helpers import horovodrun_gloo_argv, mpirun_argv, run_ranks
 from paths import CASES
 
+pytestmark = pytest.mark.mpirun
+
 SCRIPT = str(CASES / "keras_fit_cases.py")
 LAUNCHES = {
     "mpirun-np2": (mpirun_argv, 2, "fit,sparse,loss_scale,resume,warmup"),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from disks import small_tmpfs
 from dist_bn.training.checkpoint import (CheckpointError, Checkpoints, ResumeError, checkpoint_problem,
                                          choose_checkpoint, find_checkpoints, state_file_problem)
 from dist_bn.training.distributed import World
@@ -179,14 +180,8 @@ def test_a_checkpoint_of_another_model_is_one_line(run_copy, config):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs at tmp_path/disk (root only); unmounted afterwards."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with small_tmpfs(tmp_path / "disk", "256k") as mount_point:
+        yield mount_point
 
 
 def fill(disk: Path) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from disks import small_tmpfs
 from dist_bn.training.checkpoint import checkpoint_problem
 
 TIMEOUT_S = 180
@@ -52,9 +53,9 @@ launcher:
 """
 MPIRUN = ["launcher.backend=mpirun", "launcher.controller=mpi"]
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     shutil.which("mpirun") is None or not (Path(sys.executable).parent / "horovodrun").exists(),
-    reason="needs mpirun and horovodrun (scripts/bootstrap.sh)")
+    reason="needs mpirun and horovodrun (scripts/bootstrap.sh)")]
 
 
 def launcher_env() -> dict[str, str]:
@@ -240,14 +241,8 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, backend):
 def full_disk(tmp_path):
     """A 48 KiB tmpfs: room for the run directory, one checkpoint and a little
     more, so the run fills it while it trains (root only)."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with small_tmpfs(tmp_path / "disk", "48k") as mount_point:
+        yield mount_point
 
 
 def test_a_full_disk_ends_the_run_with_one_line(tmp_path, full_disk):

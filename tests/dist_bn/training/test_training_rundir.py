@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_bn import rank_env
 from dist_bn.training.rundir import (MARKER_FILE, RunDirError, aside_name, load_saved_config, prepare_run_dir,
                                      resume_conflicts, save_config)
 from launch.config import load_config
@@ -147,7 +148,7 @@ def test_saved_config_round_trip_and_resume_conflicts(tmp_path):
 
 def worker(*args, cwd):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1")
-    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+    for name in rank_env.RANK_VARIABLES:
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "dist_bn.training", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
