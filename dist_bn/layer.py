@@ -138,37 +138,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
     def _with_layer_channels(self, x):
-        """`x`, or for an empty batch an empty tensor with the layer's channel count.
-
-        A rank with an empty batch can receive a tensor whose channel count is
-        wrong: oneDNN's CPU Conv3D (TF 2.18) returns an empty batch shaped like
-        its *input*, even where the graph's static shape says otherwise (so no
-        shape-based fix survives Grappler). The weights say how many channels
-        there are, so an empty shard still sends 2C+1 zeros and outputs C
-        channels. Only emptiness is tested at run time: one scalar predicate.
-        """
-        channels = self.moving_mean.shape[0]
-        axis = self.axis % x.shape.rank
-        if x.shape[axis] not in (None, channels) and x.shape[0] != 0:
-            raise ValueError(
-                f"{self.name}: expected axis {self.axis} of the input to have {channels} "
-                f"channels (the layer was built for them), got input shape {tuple(x.shape)}."
-            )
-        if x.shape[0] is not None and x.shape[0] > 0:
-            return x
-        dims = tf.unstack(tf.shape(x))
-        empty_shape = [0] + [
-            channels if i == axis else (d if d is not None else dims[i])
-            for i, d in enumerate(x.shape) if i > 0
-        ]
-
-        def empty():
-            # + sum(x) (= 0) keeps x connected, so its gradient is zeros, not None.
-            return tf.zeros(empty_shape, x.dtype) + tf.reduce_sum(x)
-
-        if x.shape[0] == 0:
-            return empty()
-        return tf.cond(tf.size(x) > 0, lambda: x, empty)
+        return with_layer_channels(self, x)
 
     def _infer(self, x):
         """Normalize with the moving statistics: no collective, no update."""
@@ -229,3 +199,37 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         config["process_set"] = collectives.process_set_ranks(self.process_set)
         config["unbiased_moving_variance"] = self.unbiased_moving_variance
         return config
+
+
+def with_layer_channels(layer, x):
+    """`x`, or for an empty batch an empty tensor with the BN layer's channel count.
+
+    A rank with an empty batch can receive a tensor whose channel count is
+    wrong: oneDNN's CPU Conv3D (TF 2.18) returns an empty batch shaped like
+    its *input*, even where the graph's static shape says otherwise (so no
+    shape-based fix survives Grappler). The weights say how many channels
+    there are, so an empty shard still sends 2C+1 zeros and outputs C
+    channels. Only emptiness is tested at run time: one scalar predicate.
+    """
+    channels = layer.moving_mean.shape[0]
+    axis = layer.axis % x.shape.rank
+    if x.shape[axis] not in (None, channels) and x.shape[0] != 0:
+        raise ValueError(
+            f"{layer.name}: expected axis {layer.axis} of the input to have {channels} "
+            f"channels (the layer was built for them), got input shape {tuple(x.shape)}."
+        )
+    if x.shape[0] is not None and x.shape[0] > 0:
+        return x
+    dims = tf.unstack(tf.shape(x))
+    empty_shape = [0] + [
+        channels if i == axis else (d if d is not None else dims[i])
+        for i, d in enumerate(x.shape) if i > 0
+    ]
+
+    def empty():
+        # + sum(x) (= 0) keeps x connected, so its gradient is zeros, not None.
+        return tf.zeros(empty_shape, x.dtype) + tf.reduce_sum(x)
+
+    if x.shape[0] == 0:
+        return empty()
+    return tf.cond(tf.size(x) > 0, lambda: x, empty)

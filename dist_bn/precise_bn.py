@@ -39,6 +39,7 @@ import tensorflow as tf
 from dist_bn import collectives
 from dist_bn import convert
 from dist_bn import moments
+from dist_bn.layer import with_layer_channels
 
 logger = logging.getLogger("dist_bn")
 
@@ -56,7 +57,7 @@ def _tap(layer, accumulator, original):
     """A stand-in for `layer.call` that adds its inputs' packed moments to `accumulator`."""
 
     def call(inputs, *args, **kwargs):
-        x = tf.cast(inputs, tf.float64)
+        x = with_layer_channels(layer, tf.cast(inputs, tf.float64))  # see dist_bn.layer
         axes = moments.reduction_axes(x.shape.rank, layer.axis)
         mask = kwargs.get("mask")
         if mask is not None and (layer.axis % x.shape.rank != x.shape.rank - 1
