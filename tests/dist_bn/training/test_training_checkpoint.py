@@ -225,7 +225,9 @@ def test_a_full_disk_under_the_reporter_is_one_line(small_disk, config, what):
     reporter.say("first line")
     reporter.metrics({"epoch": 1})
     board = RunTensorBoard(small_disk)
-    board.set_model(build_model(config["model"], config["data"]))
+    model = build_model(config["model"], config["data"])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    board.set_model(model)
     board.on_train_begin()
     fill(small_disk)
     with pytest.raises(ReportError) as info:
