@@ -118,7 +118,9 @@ class MetricAverageCallback(keras.callbacks.Callback):
         else:  # the metrics now hold the validation run's states
             train, validation = self._train_results, {f"val_{k}": v for k, v in current.items()}
         if logs is not None:
-            logs.update({k: v for k, v in {**train, **validation}.items() if k in logs})
+            # Validation keys also where this rank's validation shard was empty
+            # (Keras then logs none): every rank holds the same logs.
+            logs.update({**{k: v for k, v in train.items() if k in logs}, **validation})
         self._in_epoch = False
         self._train_results = None
 

@@ -175,9 +175,10 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool,
 
 
 def save_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
-    """Write the resolved config (every key, defaults filled in) to run_dir/config.yaml."""
+    """Write the job's resolved sections (every key, defaults filled in) to run_dir/config.yaml."""
     target = Path(run_dir) / CONFIG_FILE
-    header = CONFIG_HEADER + "# Rerun it with: dist-bn-launch THIS_FILE run.dir=NEW_DIR\n"
+    header = CONFIG_HEADER + ("# The job's sections only; rerun it with: dist-bn-launch THIS_FILE run.dir=NEW_DIR\n"
+                              "# (add your launcher/horovod sections, or the launcher's defaults apply)\n")
     tmp = target.with_suffix(".yaml.tmp")
     try:
         tmp.write_text(header + yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
