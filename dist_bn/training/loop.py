@@ -27,6 +27,7 @@ starts at `initial_epoch`, and TensorFlow's op determinism is on.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -213,6 +214,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(train["seed"])
     tf.config.experimental.enable_op_determinism()
+    # The training data has exactly the steps fit takes; only an empty evaluation
+    # shard (more ranks than data.eval_clips) "runs out", and that is fine.
+    warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
 
     trainer = Trainer(config, world)  # checks the config against the world size first
     run_dir, moved = _prepare_run_dir(config, world)
