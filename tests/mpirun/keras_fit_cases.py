@@ -9,7 +9,8 @@ the concatenated global batches from rank 0's initial weights, and records
 the worst relative weight difference. REPORT_DIR/rank<R>.json holds the
 results; tests/dist_bn/keras/test_keras_fit.py asserts.
 
-Cases: fit (with validation, uneven per-rank validation shards), evaluate and
+Cases: fit (with validation, uneven per-rank validation shards, and one
+rank without validation data), evaluate and
 predict (uneven shards), train_on_batch and a custom loop with an Embedding
 (sparse gradients), mixed-precision loss scaling, an interrupted fit
 resumed by Keras's BackupAndRestore against an uninterrupted one, and one
@@ -136,6 +137,27 @@ def case_fit():
         "predict_rows": int(prediction.shape[0]),
     })
     return result
+
+
+def case_empty_validation():
+    """fit's validation where the last rank holds no validation clip: every rank
+    logs the global values (Keras logs no validation on an empty shard)."""
+    x, y = data(hvd.size() * B * STEPS, seed=9)
+    vx, vy = data(5, seed=10)
+    keras.utils.set_random_seed(1000)
+    model = distributed(conv_net(SyncBatchNormalization), keras.optimizers.SGD(0.1), loss=SPARSE_CCE,
+                        metrics=["sparse_categorical_accuracy"])
+    others, rank = hvd.size() - 1, hvd.rank()
+    mine = slice(0, 0) if rank == others else slice(rank * 5 // others, (rank + 1) * 5 // others)
+    validation = tf.data.Dataset.from_tensor_slices((vx[mine], vy[mine])).batch(2)
+    history = model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=1, shuffle=False,
+                        validation_data=validation, verbose=0,
+                        callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                                   hvd.callbacks.MetricAverageCallback()])
+    expected = model.evaluate(vx, vy, batch_size=5, return_dict=True, verbose=0)  # same weights everywhere
+    return {"keys": sorted(history.history),
+            "val": {k: rel(history.history["val_" + k][-1], expected[k]) for k in expected
+                    if "val_" + k in history.history}}
 
 
 def conv_net_weights_of_seed(seed):
@@ -334,7 +356,8 @@ def main(report_dir, cases):
         fn = {"fit": case_fit, "sparse": case_sparse, "loss_scale": case_loss_scale,
               "warmup": case_warmup,
               "resume": lambda: case_resume(report_dir),
-              "resume_mid_epoch": lambda: case_resume_mid_epoch(report_dir)}[name]
+              "resume_mid_epoch": lambda: case_resume_mid_epoch(report_dir),
+              "empty_validation": case_empty_validation}[name]
         report["cases"][name] = fn()
     with open(os.path.join(report_dir, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(report, f, indent=1)

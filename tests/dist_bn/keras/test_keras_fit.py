@@ -16,7 +16,7 @@ from paths import CASES
 SCRIPT = str(CASES / "keras_fit_cases.py")
 LAUNCHES = {
     "mpirun-np2": (mpirun_argv, 2, "fit,sparse,loss_scale,resume,resume_mid_epoch,warmup"),
-    "horovodrun-gloo-np3": (horovodrun_gloo_argv, 3, "fit,resume,resume_mid_epoch"),
+    "horovodrun-gloo-np3": (horovodrun_gloo_argv, 3, "fit,empty_validation,resume,resume_mid_epoch"),
 }
 
 
@@ -50,6 +50,13 @@ def test_fit_logs_are_exact_over_ranks_validation_included(reports):
                                   "val_loss", "val_sparse_categorical_accuracy"}
         for key, errors in r["logs"].items():
             assert max(errors) <= 1e-5, (rank, key, errors)
+
+
+def test_a_rank_without_validation_data_logs_the_global_validation(reports):
+    for rank, r in enumerate(case(reports, "empty_validation")):
+        assert r["keys"] == ["loss", "sparse_categorical_accuracy", "val_loss",
+                             "val_sparse_categorical_accuracy"], (rank, r)
+        assert max(r["val"].values()) <= 1e-5, (rank, r)
 
 
 def test_evaluate_and_predict_over_uneven_shards(reports):
