@@ -92,7 +92,7 @@ def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
     run.resume or run.overwrite and the job's marker; system and home
     directories are refused. (Rank 0 of the job checks again, then creates
     or renames it.)"""
-    from launch.run_dir_policy import resolve_run_dir, run_dir_problem
+    from dist_bn.training.rundir import resolve_run_dir, run_dir_problem
     problem = run_dir_problem(resolve_run_dir(run_dir), resume, overwrite)
     if problem:
         raise ConfigError(f"run.dir: {problem}")

@@ -16,7 +16,7 @@ horovodrun and mpirun stop every rank on SIGTERM as they do when it is
 forwarded. That signal reaches only the child itself, and `horovodrun --mpi`
 becomes a shell whose own child is mpirun, which would outlive it; so the
 ranks on this host also watch this process ($DIST_BN_LAUNCHER, see
-`stop_with_launcher`) and end themselves within a second of its death, which
+`dist_bn.training.supervision`) and end themselves within a second of its death, which
 makes mpirun stop the others.
 
 Exit codes follow the shell: 128 + N when a signal N stopped the job (also
@@ -36,13 +36,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+# The ranks' side of these variables is dist_bn.training.supervision.
+from dist_bn.training.supervision import (EXIT_STATUS_DIR_VARIABLE, LAUNCHER_VARIABLE,  # noqa: F401
+                                          record_exit_status, stop_with_launcher)
+
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-EXIT_STATUS_DIR_VARIABLE = "DIST_BN_EXIT_STATUS_DIR"
-LAUNCHER_VARIABLE = "DIST_BN_LAUNCHER"  # host:pid of the launcher, for stop_with_launcher
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TRACEBACK_START = "Traceback (most recent call last):"
 
@@ -50,51 +51,6 @@ TRACEBACK_START = "Traceback (most recent call last):"
 def exit_code(returncode: int) -> int:
     """A shell-style exit code: 128 + N when the child died of signal N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def record_exit_status(rank: int, code: int, environ: Mapping[str, str] | None = None) -> None:
-    """Called by a rank that exits with `code`: leave it where the launcher looks."""
-    directory = (os.environ if environ is None else environ).get(EXIT_STATUS_DIR_VARIABLE)
-    if directory:
-        try:
-            (Path(directory) / f"rank-{rank}").write_text(f"{code}\n", encoding="ascii")
-        except OSError:
-            pass  # the launcher is gone, or the directory is not ours to write
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        return True  # cannot tell: keep running
-    return state not in ("Z", "X")
-
-
-def stop_with_launcher(environ: Mapping[str, str] | None = None, period_s: float = 1.0):
-    """Called by a rank: SIGTERM this process once the launcher that started it is gone.
-
-    Only on the launcher's host ($DIST_BN_LAUNCHER is host:pid); elsewhere,
-    and without a launcher, it does nothing and returns None. Otherwise it
-    returns the daemon thread that polls every `period_s` seconds.
-    """
-    host, _, pid = (os.environ if environ is None else environ).get(LAUNCHER_VARIABLE, "").rpartition(":")
-    if not pid.isdigit() or host != socket.gethostname():
-        return None
-    launcher = int(pid)
-
-    def watch():
-        while _alive(launcher):
-            time.sleep(period_s)
-        print(f"dist_bn: the launcher (pid {launcher}) is gone; stopping this rank", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=watch, name="dist_bn-launcher-watch", daemon=True)
-    thread.start()
-    return thread
 
 
 def recorded_exit_code(directory: str | os.PathLike) -> int | None:

@@ -1,283 +1,22 @@
-"""The one schema of a dist_bn config: every key, its type, default, range and doc.
+"""The whole config file's schema: the training job's sections (model, data,
+train, run; owned by `dist_bn.training.schema`) and the launcher's (launcher,
+horovod; cluster, slurm, k8s for the scheduler files `--emit` writes).
 
-The launcher and the training job read the same YAML file, so both halves live
-here (sections model, data, train, run for the job; launcher, horovod for the
-launcher; cluster, slurm, k8s for the scheduler files `--emit` writes) and an
-unknown or mistyped key anywhere is caught before any process starts. Keys are plain data (`Field` rows in `FIELDS`, cross-key `Rule` rows in
-`RULES`); `launch.config` applies them and `render_markdown` documents them.
+The launcher checks the whole file with `SCHEMA` before any process starts,
+so an unknown or mistyped key anywhere is caught first; `render_markdown` is
+the README's reference. The value types and the loader are `dist_bn.config`.
 """
 from __future__ import annotations
 
-import difflib
-import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-# ---------------------------------------------------------------------------
-# Value types. Each knows how to check (and normalize) one YAML value, and how
-# to describe itself for the docs table and for error messages.
-# ---------------------------------------------------------------------------
-
-
-class ValueProblem(Exception):
-    """What is wrong with a value, phrased to follow its key: 'must be ..., got ...'."""
-
-
-def show(value: Any) -> str:
-    """Render a YAML value the way the user wrote it, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-# Characters that end a line, or change what a terminal, a shell or a YAML
-# parser sees, inside what looks like one line: C0 and C1 controls (newline,
-# carriage return, escape, NEL ...), DEL, and Unicode's line and paragraph
-# separators. No config string needs them, and every string can reach a
-# generated script or manifest, so they are refused outright.
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(text: str) -> str:
-    """`text` with every control character written as its Python escape
-    (\\n, \\x1b, \\u2028): safe to put in one comment or message line."""
-    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)
-
-
-def control_character_problem(value: Any) -> str | None:
-    """What is wrong if `value` (a string, or a list/mapping of them) holds a
-    control character, else None."""
-    texts = ([value] if isinstance(value, str) else list(value) if isinstance(value, list)
-             else [*value, *value.values()] if isinstance(value, dict) else [])
-    for text in texts:
-        if isinstance(text, str):
-            found = CONTROL_CHARACTERS.search(text)
-            if found:
-                return (f"must be printable text on one line, got {printable(repr(text))} with "
-                        f"{printable(repr(found.group()))} at position {found.start()}")
-    return None
-
-
-def closest(word: str, candidates: list[str]) -> str | None:
-    """The candidate most like `word` (difflib), for 'did you mean ...?' hints."""
-    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-class ValueType:
-    """Base of the value types; `name` and `allowed` feed the docs table."""
-
-    name = "?"
-
-    def allowed(self) -> str:
-        return "any"
-
-    def check(self, value: Any) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class Int(ValueType):
-    """An integer, optionally bounded (inclusive)."""
-
-    min: int | None = None
-    max: int | None = None
-    name = "int"
-
-    def allowed(self) -> str:
-        if self.min is not None and self.max is not None:
-            return f"{self.min} .. {self.max}"
-        if self.min is not None:
-            return f">= {self.min}"
-        if self.max is not None:
-            return f"<= {self.max}"
-        return "any"
-
-    def _wanted(self) -> str:
-        if self.min is not None and self.max is not None:
-            return f"an integer from {self.min} to {self.max}"
-        if self.min is not None:
-            return f"an integer >= {self.min}"
-        if self.max is not None:
-            return f"an integer <= {self.max}"
-        return "an integer"
-
-    def check(self, value: Any) -> int:
-        if not _is_int(value):
-            raise ValueProblem(f"must be {self._wanted()}, got {show(value)}")
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-            raise ValueProblem(f"must be {self._wanted()}, got {value}")
-        return value
-
-
-# PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string. Accept that
-# spelling for floats instead of failing on a number the user clearly meant.
-_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-@dataclass(frozen=True)
-class Float(ValueType):
-    """A real number with optional open or closed bounds; integers are accepted."""
-
-    min: float | None = None
-    max: float | None = None
-    min_open: bool = False
-    max_open: bool = False
-    name = "float"
-
-    def allowed(self) -> str:
-        lo, hi = self.min, self.max
-        if lo is not None and hi is not None:
-            return f"{'(' if self.min_open else '['}{lo:g}, {hi:g}{')' if self.max_open else ']'}"
-        if lo is not None:
-            return f"{'>' if self.min_open else '>='} {lo:g}"
-        if hi is not None:
-            return f"{'<' if self.max_open else '<='} {hi:g}"
-        return "any"
-
-    def check(self, value: Any) -> float:
-        bound = self.allowed()
-        if bound == "any":
-            wanted = "a number"
-        elif bound[0] in "([":
-            wanted = f"a number in {bound}"
-        else:
-            wanted = f"a number {bound}"
-        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueProblem(f"must be {wanted}, got {show(value)}")
-        value = float(value)
-        lo, hi = self.min, self.max
-        if lo is not None and (value < lo or (self.min_open and value == lo)):
-            raise ValueProblem(f"must be {wanted}, got {value:g}")
-        if hi is not None and (value > hi or (self.max_open and value == hi)):
-            raise ValueProblem(f"must be {wanted}, got {value:g}")
-        return value
-
-
-@dataclass(frozen=True)
-class Bool(ValueType):
-    """true or false (YAML booleans only, so a typo is not read as a string)."""
-
-    name = "bool"
-
-    def allowed(self) -> str:
-        return "true, false"
-
-    def check(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueProblem(f"must be true or false, got {show(value)}")
-        return value
-
-
-@dataclass(frozen=True)
-class Choice(ValueType):
-    """One string out of a fixed set."""
-
-    choices: tuple[str, ...]
-    name = "str"
-
-    def allowed(self) -> str:
-        return ", ".join(self.choices)
-
-    def check(self, value: Any) -> str:
-        if value in self.choices and isinstance(value, str):
-            return value
-        listed = ", ".join(self.choices)
-        hint = closest(value, list(self.choices)) if isinstance(value, str) else None
-        suffix = f" (did you mean {hint}?)" if hint else ""
-        raise ValueProblem(f"must be one of {listed}; got {show(value)}{suffix}")
-
-
-@dataclass(frozen=True)
-class Text(ValueType):
-    """A non-empty string; `name` says what it holds (str, path, command)."""
-
-    name: str = "str"
-
-    def allowed(self) -> str:
-        return "non-empty"
-
-    def check(self, value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise ValueProblem(f"must be a non-empty string, got {show(value)}")
-        return value
-
-
-@dataclass(frozen=True)
-class TextList(ValueType):
-    """A list of non-empty strings (numbers are taken as text).
-
-    With `comma_string`, a single "a,b" string is accepted and split, which is
-    how the same value is written on the command line of horovodrun.
-    """
-
-    comma_string: bool = False
-    name = "list of str"
-
-    def allowed(self) -> str:
-        return "list, or \"a,b\" string" if self.comma_string else "list"
-
-    def check(self, value: Any) -> list[str]:
-        wanted = "a list of strings" + (" or a comma-separated string" if self.comma_string else "")
-        if self.comma_string and isinstance(value, str):
-            value = value.split(",")
-        if not isinstance(value, list):
-            raise ValueProblem(f"must be {wanted}, got {show(value)}")
-        items = []
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                raise ValueProblem(f"must be {wanted}; item {show(item)} is not a string")
-            text = str(item).strip() if self.comma_string else str(item)
-            if not text:
-                raise ValueProblem(f"must be {wanted}; it has an empty item")
-            items.append(text)
-        return items
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass(frozen=True)
-class EnvMap(ValueType):
-    """Environment variables, NAME: value; values become strings."""
-
-    name = "mapping"
-
-    def allowed(self) -> str:
-        return "NAME: value"
-
-    def check(self, value: Any) -> dict[str, str]:
-        if not isinstance(value, dict):
-            raise ValueProblem(f"must be a mapping of NAME: value, got {show(value)}")
-        env = {}
-        for name, item in value.items():
-            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-                raise ValueProblem(f"{show(name)} is not a valid environment variable name")
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                raise ValueProblem(
-                    f"value of {name} must be a string or a number, got {show(item)}"
-                    + (" (quote it: 'true')" if isinstance(item, bool) else "")
-                )
-            env[name] = str(item)
-        return env
-
+from dist_bn.config import Field, Rule, Schema
+from dist_bn.config import render_markdown as render_schema
+from dist_bn.config.values import (CONTROL_CHARACTERS, Bool, Choice, EnvMap, Float, Int, Text, TextList,  # noqa: F401
+                                   ValueProblem, ValueType, printable, show)
+from dist_bn.training.schema import SCHEMA as JOB_SCHEMA
 
 # A host name (RFC 1123 labels; '_' too, which some clusters use) or an IPv4
 # address: letters, digits, '-', '_' and '.', starting and ending with a letter
@@ -351,48 +90,7 @@ class Label(ValueType):
         return value
 
 
-# ---------------------------------------------------------------------------
-# The schema proper.
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Field:
-    """One config key. A null default means "unset": the key may also be null."""
-
-    key: str
-    type: ValueType
-    default: Any
-    doc: str
-
-    @property
-    def section(self) -> str:
-        return self.key.split(".", 1)[0]
-
-    @property
-    def name(self) -> str:
-        return self.key.split(".", 1)[1]
-
-    def check(self, value: Any) -> Any:
-        """Normalize `value` or raise ValueProblem. Empty YAML (null) means an empty
-        list/mapping for container keys and "unset" for keys whose default is null."""
-        if value is None:
-            if self.default is None:
-                return None
-            if isinstance(self.default, (list, dict)):
-                return type(self.default)()
-        value = self.type.check(value)
-        problem = control_character_problem(value)
-        if problem:
-            raise ValueProblem(problem)
-        return value
-
-
-SECTIONS: dict[str, str] = {
-    "model": "the network the training job builds",
-    "data": "the synthetic video-clip data set",
-    "train": "optimization and logging",
-    "run": "where results go and what to do with an existing run",
+LAUNCHER_SECTIONS: dict[str, str] = {
     "launcher": "how processes are started (horovodrun or mpirun)",
     "horovod": "Horovod tuning knobs; null = Horovod's own default",
     "cluster": "the job's shape on a scheduler, for --emit slurm and --emit k8s-mpijob",
@@ -400,42 +98,7 @@ SECTIONS: dict[str, str] = {
     "k8s": "the Kubeflow MPIJob manifest (--emit k8s-mpijob)",
 }
 
-FIELDS: tuple[Field, ...] = (
-    # model
-    Field("model.width", Int(1, 65536), 16, "Channels of the first Conv3D block."),
-    Field("model.depth", Int(1, 64), 3, "Number of Conv3D-BN-ReLU blocks; channels double per block."),
-    Field("model.bn", Choice(("sync", "local", "none")), "sync",
-          "Batch norm: sync = exact statistics over all ranks, local = per-rank Keras BN, none = no BN."),
-    Field("model.momentum", Float(0, 1, min_open=True, max_open=True), 0.9, "BN moving-average momentum."),
-    # data
-    Field("data.frames", Int(2, 65536), 8, "Frames per clip."),
-    Field("data.height", Int(8, 65536), 32, "Frame height in pixels."),
-    Field("data.width", Int(8, 65536), 32, "Frame width in pixels."),
-    Field("data.num_classes", Int(2, 65536), 4, "Number of classes."),
-    Field("data.train_clips", Int(1, 2**31 - 1), 2048, "Training clips in total (split across ranks)."),
-    Field("data.eval_clips", Int(1, 2**31 - 1), 512, "Evaluation clips in total (split across ranks)."),
-    Field("data.seed", Int(-2**63, 2**63 - 1), 0, "Seed of the synthetic data set."),
-    # train
-    Field("train.batch_size", Int(1, 65536), 4, "Clips per rank per step (global batch = batch_size x ranks)."),
-    Field("train.epochs", Int(1, 1_000_000), 3, "Training epochs."),
-    Field("train.learning_rate", Float(0, min_open=True), 0.01,
-          "Per-rank base learning rate; the job scales it by the number of ranks."),
-    Field("train.warmup_epochs", Float(0), 1.0, "Epochs of linear learning-rate warmup."),
-    Field("train.optimizer", Choice(("sgd", "adam")), "sgd", "Optimizer."),
-    Field("train.momentum", Float(0, 1, max_open=True), 0.9, "SGD momentum (adam: beta_1)."),
-    Field("train.mixed_precision", Bool(), False, "Compute in float16 (mixed_float16 policy); for GPUs."),
-    Field("train.seed", Int(0, 2**32 - 1), 0, "Seed for weights and shuffling."),
-    Field("train.log_every", Int(1, 2**31 - 1), 10, "Log metrics every this many steps."),
-    Field("train.checkpoint_every", Int(1, 1_000_000), 1, "Write a checkpoint every this many epochs."),
-    Field("train.precise_bn_batches", Int(0, 1_000_000), 0,
-          "Precise BN: before each evaluation (so also before each checkpoint) set every BN layer's moving "
-          "statistics to the exact population statistics over this many global training batches; 0 = off."),
-    # run
-    Field("run.dir", Text("path"), "runs/demo",
-          "Run directory (checkpoints, logs); relative to the current directory."),
-    Field("run.resume", Bool(), False, "Continue the run found in run.dir."),
-    Field("run.overwrite", Bool(), False, "Replace an existing non-empty run.dir."),
-    Field("run.tensorboard", Bool(), True, "Write TensorBoard logs under run.dir."),
+LAUNCHER_FIELDS: tuple[Field, ...] = (
     # launcher
     Field("launcher.backend", Choice(("horovodrun", "mpirun")), "horovodrun", "Program that starts the ranks."),
     Field("launcher.controller", Choice(("gloo", "mpi")), "mpi",
@@ -511,26 +174,6 @@ FIELDS: tuple[Field, ...] = (
           "Working directory in the pods; a relative run.dir is under it."),
 )
 
-BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
-
-
-def section_keys(section: str) -> list[str]:
-    """Key names (without the section) allowed in `section`, in schema order."""
-    return [f.name for f in FIELDS if f.section == section]
-
-
-# ---------------------------------------------------------------------------
-# Rules that involve more than one key. `check` gets the filled-in config and
-# returns a problem (reported under keys[0]) or None.
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    keys: tuple[str, ...]
-    doc: str
-    check: Callable[[Mapping[str, Mapping[str, Any]]], str | None] = field(repr=False)
-
 
 def _gloo_needs_horovodrun(c):
     if c["launcher"]["controller"] == "gloo" and c["launcher"]["backend"] == "mpirun":
@@ -553,12 +196,6 @@ def _enough_slots(c):
     if slots < num_proc:
         return (f"slots add up to {slots} but launcher.num_proc is {num_proc}; "
                 "add hosts or slots, or lower launcher.num_proc")
-    return None
-
-
-def _resume_or_overwrite(c):
-    if c["run"]["resume"] and c["run"]["overwrite"]:
-        return "run.resume and run.overwrite are both true; pick one"
     return None
 
 
@@ -592,7 +229,7 @@ def _absolute_workdir(c):
     return None
 
 
-RULES: tuple[Rule, ...] = (
+LAUNCHER_RULES: tuple[Rule, ...] = (
     Rule(("launcher.controller", "launcher.backend"),
          "`launcher.controller: gloo` needs `launcher.backend: horovodrun` (mpirun implies MPI).",
          _gloo_needs_horovodrun),
@@ -600,8 +237,6 @@ RULES: tuple[Rule, ...] = (
          _hosts_or_hostfile),
     Rule(("launcher.hosts", "launcher.num_proc"),
          "Slots in `launcher.hosts` must add up to at least `launcher.num_proc`.", _enough_slots),
-    Rule(("run.overwrite", "run.resume"), "`run.resume` and `run.overwrite` exclude each other.",
-         _resume_or_overwrite),
     Rule(("horovod.autotune_log_file", "horovod.autotune"),
          "`horovod.autotune_log_file` needs `horovod.autotune: true`.", _autotune_log_needs_autotune),
     Rule(("horovod.stall_check", "horovod.stall_check_warning_time_seconds",
@@ -613,38 +248,23 @@ RULES: tuple[Rule, ...] = (
     Rule(("k8s.workdir",), "`k8s.workdir` is an absolute path.", _absolute_workdir),
 )
 
+NOTES = (
+    'Checked by the launcher only, on the launching machine: `launcher.hostfile` and `launcher.ssh_identity_file` exist; an existing non-empty `run.dir` needs `run.resume` or `run.overwrite`; the launcher program is on `PATH`.',
+    'Checked by `--emit` only: the cluster shape (`cluster.nodes` x `cluster.ranks_per_node`, or what `launcher.hosts` implies) equals `launcher.num_proc`; `--emit k8s-mpijob` needs `cluster.image`.',
+)
 
-# ---------------------------------------------------------------------------
-# Documentation.
-# ---------------------------------------------------------------------------
+SCHEMA = JOB_SCHEMA + Schema(LAUNCHER_SECTIONS, LAUNCHER_FIELDS, LAUNCHER_RULES, notes=NOTES)
+SECTIONS = dict(SCHEMA.sections)
+FIELDS = SCHEMA.fields
+RULES = SCHEMA.rules
+BY_KEY = SCHEMA.by_key
 
 
-def _yaml_literal(value: Any) -> str:
-    if isinstance(value, (list, dict)):
-        return "[]" if isinstance(value, list) else "{}"
-    return show(value).strip("'")
+def section_keys(section: str) -> list[str]:
+    """Key names (without the section) allowed in `section`, in schema order."""
+    return SCHEMA.section_keys(section)
 
 
 def render_markdown() -> str:
-    """The schema as a Markdown table (key, type, default, allowed, description),
-    followed by the rules between keys; the README's table is this output."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    lines = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
-    for f in FIELDS:
-        lines.append(
-            f"| `{f.key}` | {cell(f.type.name)} | `{cell(_yaml_literal(f.default))}` "
-            f"| {cell(f.type.allowed())} | {cell(f.doc)} |"
-        )
-    lines.append("")
-    lines.append("Rules between keys:")
-    lines.append("")
-    lines.extend(f"- {rule.doc}" for rule in RULES)
-    lines.append("- Checked by the launcher only, on the launching machine: `launcher.hostfile` and "
-                 "`launcher.ssh_identity_file` exist; an existing non-empty `run.dir` needs "
-                 "`run.resume` or `run.overwrite`; the launcher program is on `PATH`.")
-    lines.append("- Checked by `--emit` only: the cluster shape (`cluster.nodes` x `cluster.ranks_per_node`, "
-                 "or what `launcher.hosts` implies) equals `launcher.num_proc`; `--emit k8s-mpijob` needs "
-                 "`cluster.image`.")
-    return "\n".join(lines) + "\n"
+    """The whole file's reference (keys, then rules between keys); the README's table is this output."""
+    return render_schema(SCHEMA)

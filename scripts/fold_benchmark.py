@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import dist_bn
     from dist_bn.convert import walk
     from dist_bn.training.model import build_model
-    from launch.config import load_config
+    from dist_bn.training.schema import load_config
 
     config = load_config(args.config, ["model.bn=sync"])
     data = config["data"]

@@ -134,7 +134,7 @@ def _trainers(args):
     """A training-step Trainer of the project's model per bn kind, same config otherwise."""
     from dist_bn.training import distributed
     from dist_bn.training.loop import Trainer
-    from launch.config import load_config
+    from dist_bn.training.schema import load_config
 
     world = distributed.World(hvd.rank(), hvd.size(), hvd.local_rank())
     trainers = {}

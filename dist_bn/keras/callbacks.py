@@ -16,6 +16,8 @@
   rises per batch from `initial_lr / size` to `initial_lr` (Goyal et al.,
   2017), as Horovod's. Keras 3's SGD keeps `lr * gradient` out of its
   momentum, so no momentum correction is needed.
+- `BackupAndRestore(backup_dir, save_freq)`: Keras's, written by rank 0,
+  restored on every rank, and exact mid-epoch (`dist_bn.keras.backup_and_restore`).
 - `root_only(*callbacks)` and `root_verbose(verbose)`: checkpoints,
   TensorBoard and progress bars on one rank only.
 """
@@ -24,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from dist_bn.keras import optimizer as _optimizer
+from dist_bn.keras.backup_and_restore import BackupAndRestore  # noqa: F401
 from dist_bn.keras.variables import broadcast_variables, is_random_state
 
 
@@ -115,7 +118,9 @@ class MetricAverageCallback(keras.callbacks.Callback):
         else:  # the metrics now hold the validation run's states
             train, validation = self._train_results, {f"val_{k}": v for k, v in current.items()}
         if logs is not None:
-            logs.update({k: v for k, v in {**train, **validation}.items() if k in logs})
+            # Validation keys also where this rank's validation shard was empty
+            # (Keras then logs none): every rank holds the same logs.
+            logs.update({**{k: v for k, v in train.items() if k in logs}, **validation})
         self._in_epoch = False
         self._train_results = None
 

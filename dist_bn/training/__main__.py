@@ -31,9 +31,9 @@ WRITE_ERROR = 1
 
 def error(message: str, code: int = USAGE_ERROR) -> int:
     """Print `message` as the job's one error line (rank 0) and return `code`,
-    which every rank also records for the launcher (see launch.runner)."""
-    from launch.runner import record_exit_status
-    from launch.schema import printable
+    which every rank also records for the launcher (see `supervision`)."""
+    from dist_bn.config import printable
+    from dist_bn.training.supervision import record_exit_status
     rank = launcher_rank()
     if rank == 0:
         print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)
@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1], file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
-    from launch.runner import stop_with_launcher
+    from dist_bn.training.supervision import stop_with_launcher
     stop_with_launcher()  # a rank must not outlive a killed dist-bn-launch
     # The config is checked before Horovod starts and anything is built.
-    from launch.config import ConfigError, load_config
+    from dist_bn.config import ConfigError
+    from dist_bn.training.schema import load_config
     try:
         config = load_config(args[0], args[1:])
     except ConfigError as err:

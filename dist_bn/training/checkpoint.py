@@ -5,12 +5,17 @@ statistics), the optimizer (iteration count, which drives the learning-rate
 schedule, and its slots: SGD momentum or Adam moments, loss scale under
 mixed precision) and the number of completed epochs. Only rank 0 writes
 (a `CheckpointManager` keeping the last MAX_TO_KEEP, `ckpt-EPOCH`). On resume
-only rank 0 reads: it restores a checkpoint and every other rank receives the
-values by broadcast, so the other ranks need not see rank 0's disk (no
-shared filesystem needed on several nodes) and all ranks provably start
-from identical state. Checkpoints hold nothing rank-specific: with
-`bn: local` the ranks' moving statistics are made equal (rank 0's) before
-each epoch's evaluation and checkpoint, see `loop`.
+only rank 0 reads: it restores a checkpoint and tells the other ranks the
+epoch; `dist_bn.keras`'s BroadcastGlobalVariablesCallback then gives them
+rank 0's state at `fit`'s first step, so the other ranks need not see rank
+0's disk (no shared filesystem needed on several nodes) and all ranks
+provably start from identical state. Checkpoints hold nothing rank-specific:
+with `bn: local` the ranks' moving statistics are made equal (rank 0's)
+before each epoch's evaluation and checkpoint, see `callbacks`.
+
+Keras's ModelCheckpoint and BackupAndRestore are not used: they write over
+their file (or delete it at the end) and cannot tell a damaged file from a
+good one, which this module does (below).
 
 Which checkpoint a resumed run continues from is decided from the files
 themselves, not from TensorFlow's `checkpoint` state file (which a crash,
@@ -194,10 +199,6 @@ class Checkpoints:
                                                        checkpoint_name=CHECKPOINT_PREFIX)
         return self._manager
 
-    def state_variables(self) -> list:
-        """Everything a rank's training state consists of, in the same order on every rank."""
-        return [*self.model.variables, *self.optimizer.variables, self.epoch]
-
     def save(self, epoch: int) -> str | None:
         """Record `epoch` as completed and write a checkpoint (rank 0); returns
         its path. If rank 0 cannot write it, its partial files are removed,
@@ -277,10 +278,11 @@ class Checkpoints:
             write_state_file(self.directory, prefix, [*older, prefix])
 
     def restore_latest(self) -> Resumed:
-        """Restore the newest intact checkpoint on rank 0 and broadcast the
-        state to all ranks. Returns Resumed(0, None) if there is none. Raises
-        ResumeError on every rank if checkpoints exist but none can be
-        restored into this model."""
+        """Restore the newest intact checkpoint on rank 0; every rank learns
+        its epoch (the variables reach them by broadcast at `fit`'s first
+        step). Returns Resumed(0, None) if there is none. Raises ResumeError
+        on every rank if checkpoints exist but none can be restored into
+        this model."""
         outcome: tuple[str | None, list[str], str | None] = (None, [], None)
         if self.world.is_chief:
             try:
@@ -308,5 +310,5 @@ class Checkpoints:
         if path is None:
             return Resumed(0, None, notes)
         if self.world.size > 1:
-            distributed.broadcast_variables(self.state_variables(), prefix="resume")
+            self.epoch.assign(distributed.broadcast_object(int(self.epoch.numpy()), name="resume/epoch"))
         return Resumed(int(self.epoch.numpy()), path, notes)

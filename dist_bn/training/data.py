@@ -94,9 +94,9 @@ def steps_per_epoch(data: Mapping[str, Any], batch_size: int, world_size: int) -
     return data["train_clips"] // (batch_size * world_size)
 
 
-def epoch_order(train_clips: int, train_seed: int, epoch: int) -> tf.Tensor:
+def epoch_order(train_clips: int, train_seed: int, epoch: int | tf.Tensor) -> tf.Tensor:
     """The permutation of training indices for `epoch`, identical on every rank."""
-    seed = tf.constant([train_seed, epoch], tf.int64)
+    seed = tf.stack([tf.constant(train_seed, tf.int64), tf.cast(epoch, tf.int64)])
     return tf.random.experimental.stateless_shuffle(tf.range(train_clips, dtype=tf.int64), seed=seed)
 
 
@@ -117,10 +117,17 @@ def train_indices(config: Mapping[str, Any], epoch: int, rank: int, world_size: 
             .shard(world_size, rank))
 
 
-def train_dataset(config: Mapping[str, Any], epoch: int, rank: int, world_size: int) -> tf.data.Dataset:
+def train_dataset(config: Mapping[str, Any], epoch: int, rank: int, world_size: int,
+                  last_epoch: int | None = None) -> tf.data.Dataset:
     """This rank's batches of (videos [B, F, H, W, 1], labels [B]) for `epoch`
-    (1-based): exactly `steps_per_epoch` batches of train.batch_size clips."""
-    indices = train_indices(config, epoch, rank, world_size)
+    (1-based), or for epochs `epoch`..`last_epoch` one after the other (what
+    `fit` iterates from `initial_epoch` on): exactly `steps_per_epoch`
+    batches of train.batch_size clips per epoch."""
+    if last_epoch is None:
+        indices = train_indices(config, epoch, rank, world_size)
+    else:
+        indices = tf.data.Dataset.range(epoch, last_epoch + 1).flat_map(
+            lambda e: train_indices(config, e, rank, world_size))
     return _generate(indices, config["data"], config["train"]["batch_size"], drop_remainder=True)
 
 

@@ -1,19 +1,16 @@
-"""Horovod plumbing for the training job, with Horovod's TensorFlow core ops only.
+"""The job's place in the Horovod world: start Horovod, pin a GPU, and share
+decisions only rank 0 can make.
 
-Horovod 0.28.1's Keras helpers (`horovod.keras`, `horovod.tensorflow.keras`,
-`hvd.broadcast_variables`, `hvd.SyncBatchNormalization`) break on Keras 3,
-whose variables are not `tf.Variable`s; everything here goes through the
-underlying `tf.Variable` (`keras_variable.value`) and `hvd.broadcast`,
-`hvd.allreduce` and `hvd.broadcast_object`. With one process every function
-still works (Horovod initializes a world of size 1 by itself).
+Gradients, variables and metrics go through `dist_bn.keras` (Keras 3 safe);
+what is left here is Horovod's own start-up and `broadcast_object`. With one
+process everything still works (Horovod initializes a world of size 1).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import horovod.tensorflow as hvd
-import numpy as np
 import tensorflow as tf
 
 
@@ -51,31 +48,6 @@ def init() -> World:
     return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
 
-def broadcast_variables(variables: Sequence[Any], root_rank: int = 0, prefix: str = "broadcast") -> None:
-    """Give every rank root_rank's values of `variables` (Keras or tf.Variables).
-
-    Horovod matches collectives across ranks by name, so every rank must pass
-    the same variables in the same order; names are `prefix/index`.
-    """
-    for i, variable in enumerate(variables):
-        value = variable if isinstance(variable, tf.Variable) else variable.value  # Keras -> tf.Variable
-        variable.assign(hvd.broadcast(value, root_rank=root_rank, name=f"{prefix}/{i}"))
-
-
-def allreduce_sum(values: Iterable[float], name: str) -> np.ndarray:
-    """Element-wise float64 sum over ranks of a short vector of numbers (eager)."""
-    tensor = tf.constant(np.asarray(list(values), dtype=np.float64))
-    return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
-
-
 def broadcast_object(obj: Any, root_rank: int = 0, name: str = "object") -> Any:
     """root_rank's picklable `obj` on every rank (e.g. a decision only rank 0 can make)."""
     return hvd.broadcast_object(obj, root_rank=root_rank, name=name)
-
-
-def distributed_tape(tape: tf.GradientTape) -> tf.GradientTape:
-    """A tape whose gradients are averaged over ranks. Ask it for gradients with
-    respect to the underlying tf.Variables (`[v.value for v in keras_vars]`):
-    with Keras variables Horovod 0.28.1 fails ("'Variable' has no attribute 'ref'")."""
-    return hvd.DistributedGradientTape(tape)
-

@@ -2,15 +2,15 @@
 
   screen (stdout)            progress lines and an end-of-epoch summary
   run.dir/train.log          the same lines, so they survive the terminal
-  run.dir/tensorboard/       scalars for TensorBoard, when run.tensorboard
   run.dir/metrics.json       final metrics and per-epoch history, rewritten
                              after every epoch ("complete": false until the end)
+  (run.dir/tensorboard/ is Keras's TensorBoard callback's, see `callbacks`)
 
 Every rank builds a Reporter; on the others every method does nothing, so the
-training loop calls them unconditionally. Numbers passed in are already
-global (summed over ranks by the caller). A file that cannot be written
-(a full disk, a read-only mount) raises ReportError, whose message is one
-line naming the file and the reason, instead of a TensorFlow traceback.
+callbacks call them unconditionally. Numbers passed in are already global
+(exact over ranks). A file that cannot be written (a full disk, a read-only
+mount) raises ReportError, whose message is one line naming the file and
+the reason, instead of a TensorFlow traceback (`writing`).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def writing(path: str | os.PathLike):
 
 def progress_line(epoch: int, epochs: int, step: int, steps: int, loss: float, accuracy: float,
                   lr: float, clips_per_s: float) -> str:
-    """One progress line: where we are, the metrics since the last line, speed."""
+    """One progress line: where we are, the epoch's metrics so far, speed since the last line."""
     width = len(str(steps))
     return (f"epoch {epoch}/{epochs}  step {step:>{width}}/{steps}  loss {loss:.4f}  acc {accuracy:.3f}"
             f"  lr {lr:.5f}  {clips_per_s:.1f} clips/s")
@@ -96,20 +96,16 @@ def read_history(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict]:
 
 
 class Reporter:
-    """Screen, log file, TensorBoard and metrics.json output of rank 0."""
+    """Screen, log file and metrics.json output of rank 0."""
 
-    def __init__(self, run_dir: str | os.PathLike, active: bool, tensorboard: bool):
+    def __init__(self, run_dir: str | os.PathLike, active: bool):
         self.run_dir = Path(run_dir)
         self.active = active
         self._log = None
-        self._writer = None
         if not active:
             return
         with writing(self.run_dir / LOG_FILE):
             self._log = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
-        if tensorboard:
-            with writing(self.run_dir / TENSORBOARD_DIR):
-                self._writer = tf.summary.create_file_writer(str(self.run_dir / TENSORBOARD_DIR))
 
     def say(self, text: str) -> None:
         """Print a line to the screen and append it, time-stamped, to train.log."""
@@ -127,26 +123,15 @@ class Reporter:
                 self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {text}\n")
                 self._log.flush()
 
-    def scalars(self, values: Mapping[str, float], step: int) -> None:
-        """TensorBoard scalars (no-op without run.tensorboard)."""
-        if self._writer is None:
-            return
-        with writing(self.run_dir / TENSORBOARD_DIR):
-            with self._writer.as_default(step=step):
-                for name, value in values.items():
-                    tf.summary.scalar(name, value)
-            self._writer.flush()
-
     def metrics(self, data: Mapping[str, Any]) -> None:
         if self.active:
             with writing(self.run_dir / METRICS_FILE):
                 write_json(self.run_dir / METRICS_FILE, data)
 
     def close(self) -> None:
-        """Close the files; a failure to flush them is not raised again (the
+        """Close train.log; a failure to flush it is not raised again (the
         error that stopped the run, if any, is the one to report)."""
-        writer, log, self._writer, self._log = self._writer, self._log, None, None
-        for item in (writer, log):
-            if item is not None:
-                with contextlib.suppress(OSError, tf.errors.OpError):
-                    item.close()
+        log, self._log = self._log, None
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.close()

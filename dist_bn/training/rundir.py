@@ -1,10 +1,10 @@
 """The run directory: what rank 0 does with run.dir before training starts.
 
-The policy's checks (`launch.run_dir_policy`, re-exported here) are the
-launcher's too (`launch.preflight.check_run_dir`); they are applied again
-here because the job can be started without the launcher (plain
-mpirun) and because the directory can change between the launcher's check
-and the job's start:
+The checks are the launcher's too (`launch.preflight.check_run_dir`, in
+its dry run as well; this module imports no TensorFlow, so the launcher
+stays quick); the job applies them again because it can be started without
+the launcher (plain mpirun) and because the directory can change between
+the launcher's check and the job's start:
 
   missing or empty       created and used
   non-empty, neither     refused: it holds an earlier run
@@ -29,6 +29,13 @@ directories are refused even when empty. The checks are pure functions
 (`resolve_run_dir`, `location_problem`, `run_dir_problem`) so that the
 launcher's dry run and any training loop apply the same policy; everything
 is checked before anything is written or renamed.
+
+  - The path is resolved first: ~ expanded, made absolute, symlinks followed.
+  - `/`, the home directory, shared top-level directories (/tmp, /home, ...)
+    and anything in a system tree (/etc, /usr, ...) are always refused.
+  - A non-empty directory needs run.resume or run.overwrite, and the job's
+    marker file (a `config.yaml` with the job's header counts for runs made
+    before markers existed).
 """
 from __future__ import annotations
 
@@ -40,14 +47,83 @@ from typing import Any, Mapping
 
 import yaml
 
-# The checks themselves are shared with the launcher's preflight, which must
-# not import TensorFlow (and so this package): see launch.run_dir_policy.
-from launch.run_dir_policy import (CONFIG_FILE, CONFIG_HEADER, MARKER_FILE, holds_files, is_run_dir,
-                                   location_problem, resolve_run_dir, run_dir_problem)
+from dist_bn.training.schema import resume_or_overwrite_problem
 
-__all__ = ["CONFIG_FILE", "MARKER_FILE", "RunDirError", "aside_name", "holds_files", "is_run_dir",
-           "load_saved_config", "location_problem", "prepare_run_dir", "resolve_run_dir", "resume_conflicts",
-           "run_dir_problem", "save_config", "write_marker"]
+CONFIG_FILE = "config.yaml"
+MARKER_FILE = ".dist_bn-run"
+CONFIG_HEADER = "# Resolved config of this run (defaults filled in), written by dist_bn.training.\n"
+# Never a run directory, even empty: the root, shared top-level directories,
+# and (with everything under them) the system's own trees.
+REFUSED_DIRS = ("/", "/home", "/root", "/tmp", "/var", "/var/tmp", "/opt", "/srv", "/mnt", "/media", "/run")
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys",
+                "/usr")
+
+
+def resolve_run_dir(run_dir: str | os.PathLike, cwd: str | os.PathLike | None = None) -> Path:
+    """`run_dir` with ~ expanded, made absolute (against `cwd`, default the
+    current directory) and every symlink followed: the directory that would
+    really be written."""
+    path = Path(os.path.expanduser(os.fspath(run_dir)))
+    return (Path(cwd or os.getcwd()) / path).resolve()
+
+
+def location_problem(path: Path, home: str | os.PathLike | None = None) -> str | None:
+    """Why the resolved `path` can never be a run directory (the root, the
+    home directory, a shared top-level or system directory), else None."""
+    home_dir = Path(home if home is not None else os.path.expanduser("~")).resolve()
+    text = str(path)
+    if text in REFUSED_DIRS or path == home_dir:
+        what = "the home directory" if path == home_dir else "a system directory"
+        return f"{path} is {what}, never a run directory; pick a new directory such as runs/NAME"
+    for tree in SYSTEM_TREES:
+        if text == tree or text.startswith(tree + "/"):
+            return f"{path} is in the system directory {tree}, never a run directory; pick one such as runs/NAME"
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a run this job wrote: its marker file (or, from
+    before markers existed, the job's config.yaml header)."""
+    if (path / MARKER_FILE).is_file():
+        return True
+    try:
+        with open(path / CONFIG_FILE, encoding="utf-8") as f:
+            return f.readline() == CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def holds_files(path: Path) -> bool:
+    """Whether the directory `path` has anything in it besides the marker."""
+    return path.is_dir() and any(entry.name != MARKER_FILE for entry in path.iterdir())
+
+
+def run_dir_problem(path: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why the resolved `path` cannot be used as asked, else None. Reads only."""
+    problem = resume_or_overwrite_problem(resume, overwrite)
+    if problem:
+        return problem
+    problem = location_problem(path)
+    if problem:
+        return problem
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a directory; pick another run.dir"
+    try:
+        empty = not holds_files(path)
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror or err}; pick another run.dir"
+    if empty:
+        return None
+    if not (resume or overwrite):
+        return (f"{path} already exists and is not empty; pick another run.dir, "
+                "or set run.resume=true to continue it, or run.overwrite=true to replace it "
+                "(the earlier run is then renamed, not deleted)")
+    if not is_run_dir(path):
+        action = "continue it (run.resume)" if resume else "rename it (run.overwrite)"
+        return (f"{path} is not empty and has no {MARKER_FILE} marker, so it is not a run directory this job "
+                f"wrote; refusing to {action}; pick another run.dir")
+    return None
+
 
 # Sections a resumed run may not change (see the module docstring).
 FROZEN_SECTIONS = ("model", "data")
@@ -99,9 +175,10 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool,
 
 
 def save_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
-    """Write the resolved config (every key, defaults filled in) to run_dir/config.yaml."""
+    """Write the job's resolved sections (every key, defaults filled in) to run_dir/config.yaml."""
     target = Path(run_dir) / CONFIG_FILE
-    header = CONFIG_HEADER + "# Rerun it with: dist-bn-launch THIS_FILE run.dir=NEW_DIR\n"
+    header = CONFIG_HEADER + ("# The job's sections only; rerun it with: dist-bn-launch THIS_FILE run.dir=NEW_DIR\n"
+                              "# (add your launcher/horovod sections, or the launcher's defaults apply)\n")
     tmp = target.with_suffix(".yaml.tmp")
     try:
         tmp.write_text(header + yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")

@@ -22,7 +22,7 @@ from dist_bn.training.checkpoint import Checkpoints
 from dist_bn.training.distributed import World
 from dist_bn.training.model import build_model
 from dist_bn.training.rundir import save_config
-from launch.config import load_config
+from dist_bn.training.schema import load_config
 
 TINY = """\
 model: {width: 4, depth: 2, bn: sync, momentum: 0.9}

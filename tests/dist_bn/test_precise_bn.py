@@ -135,7 +135,7 @@ def test_training_job_checkpoints_precise_statistics(tmp_path):
 
     from dist_bn.training import data as data_lib
     from dist_bn.training.model import build_model
-    from launch.config import load_config
+    from dist_bn.training.schema import load_config
 
     (tmp_path / "tiny.yaml").write_text(TINY_RUN)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOROVOD_", "OMPI_", "PMIX_"))}

@@ -9,10 +9,12 @@ the concatenated global batches from rank 0's initial weights, and records
 the worst relative weight difference. REPORT_DIR/rank<R>.json holds the
 results; tests/dist_bn/keras/test_keras_fit.py asserts.
 
-Cases: fit (with validation, uneven per-rank validation shards), evaluate and
+Cases: fit (with validation, uneven per-rank validation shards, and one
+rank without validation data), evaluate and
 predict (uneven shards), train_on_batch and a custom loop with an Embedding
-(sparse gradients), mixed-precision loss scaling, and an interrupted fit
-resumed by BackupAndRestore against an uninterrupted one.
+(sparse gradients), mixed-precision loss scaling, an interrupted fit
+resumed by Keras's BackupAndRestore against an uninterrupted one, and one
+interrupted mid-epoch resumed by dist_bn.keras's (rank 0 backs up alone).
 
 Usage: python keras_fit_cases.py REPORT_DIR CASE[,CASE...]
 """
@@ -137,6 +139,27 @@ def case_fit():
     return result
 
 
+def case_empty_validation():
+    """fit's validation where the last rank holds no validation clip: every rank
+    logs the global values (Keras logs no validation on an empty shard)."""
+    x, y = data(hvd.size() * B * STEPS, seed=9)
+    vx, vy = data(5, seed=10)
+    keras.utils.set_random_seed(1000)
+    model = distributed(conv_net(SyncBatchNormalization), keras.optimizers.SGD(0.1), loss=SPARSE_CCE,
+                        metrics=["sparse_categorical_accuracy"])
+    others, rank = hvd.size() - 1, hvd.rank()
+    mine = slice(0, 0) if rank == others else slice(rank * 5 // others, (rank + 1) * 5 // others)
+    validation = tf.data.Dataset.from_tensor_slices((vx[mine], vy[mine])).batch(2)
+    history = model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=1, shuffle=False,
+                        validation_data=validation, verbose=0,
+                        callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                                   hvd.callbacks.MetricAverageCallback()])
+    expected = model.evaluate(vx, vy, batch_size=5, return_dict=True, verbose=0)  # same weights everywhere
+    return {"keys": sorted(history.history),
+            "val": {k: rel(history.history["val_" + k][-1], expected[k]) for k in expected
+                    if "val_" + k in history.history}}
+
+
 def conv_net_weights_of_seed(seed):
     keras.utils.set_random_seed(seed)
     return conv_net(SyncBatchNormalization).get_weights()
@@ -255,6 +278,41 @@ def case_resume(report_dir):
                            int(uninterrupted.optimizer.iterations.numpy())]}
 
 
+def case_resume_mid_epoch(report_dir):
+    """A fit interrupted mid-epoch (epoch 2 of 3, after 2 of its 3 batches) and
+    resumed by dist_bn.keras's BackupAndRestore, backed up every batch by rank 0
+    alone, from other initial weights on every rank; against an uninterrupted fit."""
+    x, y = data(hvd.size() * B * STEPS, seed=8)
+    backup = os.path.join(report_dir, "backup-mid", f"rank{hvd.rank()}")  # only rank 0's is written
+
+    def run(seed, extra):
+        keras.utils.set_random_seed(seed + hvd.rank())
+        model = distributed(conv_net(SyncBatchNormalization), keras.optimizers.SGD(0.1, momentum=0.9),
+                            loss=SPARSE_CCE)
+        model.build((None,) + CLIP)
+        model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=3, shuffle=False, verbose=0,
+                  callbacks=extra + [hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+        return model
+
+    uninterrupted = run(800, [])
+    interrupted = None
+    try:
+        run(800, [hvd.callbacks.BackupAndRestore(backup, save_freq=1), Interrupt(1, 2)])
+    except RuntimeError as e:
+        interrupted = str(e)
+    metadata_path = os.path.join(backup, "training_metadata.json")
+    metadata = json.load(open(metadata_path)) if os.path.exists(metadata_path) else None
+    resumed = run(900, [hvd.callbacks.BackupAndRestore(backup, save_freq=1)])
+    flat = np.concatenate([w.ravel() for w in resumed.get_weights()])
+    gathered = hvd.allgather(tf.constant(flat[None]), name="resume_mid/weights").numpy()
+    return {"interrupted": interrupted, "metadata": metadata,
+            "weights": worst(resumed.get_weights(), uninterrupted.get_weights()),
+            "ranks_agree": bool(all(np.array_equal(g, gathered[0]) for g in gathered)),
+            "iterations": [int(resumed.optimizer.iterations.numpy()),
+                           int(uninterrupted.optimizer.iterations.numpy())],
+            "backup_left": os.path.exists(backup)}
+
+
 class RecordLearningRate(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -297,7 +355,9 @@ def main(report_dir, cases):
     for name in cases.split(","):
         fn = {"fit": case_fit, "sparse": case_sparse, "loss_scale": case_loss_scale,
               "warmup": case_warmup,
-              "resume": lambda: case_resume(report_dir)}[name]
+              "resume": lambda: case_resume(report_dir),
+              "resume_mid_epoch": lambda: case_resume_mid_epoch(report_dir),
+              "empty_validation": case_empty_validation}[name]
         report["cases"][name] = fn()
     with open(os.path.join(report_dir, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(report, f, indent=1)

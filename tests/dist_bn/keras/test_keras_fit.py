@@ -17,8 +17,8 @@ pytestmark = pytest.mark.mpirun
 
 SCRIPT = str(CASES / "keras_fit_cases.py")
 LAUNCHES = {
-    "mpirun-np2": (mpirun_argv, 2, "fit,sparse,loss_scale,resume,warmup"),
-    "horovodrun-gloo-np3": (horovodrun_gloo_argv, 3, "fit,resume"),
+    "mpirun-np2": (mpirun_argv, 2, "fit,sparse,loss_scale,resume,resume_mid_epoch,warmup"),
+    "horovodrun-gloo-np3": (horovodrun_gloo_argv, 3, "fit,empty_validation,resume,resume_mid_epoch"),
 }
 
 
@@ -54,6 +54,13 @@ def test_fit_logs_are_exact_over_ranks_validation_included(reports):
             assert max(errors) <= 1e-5, (rank, key, errors)
 
 
+def test_a_rank_without_validation_data_logs_the_global_validation(reports):
+    for rank, r in enumerate(case(reports, "empty_validation")):
+        assert r["keys"] == ["loss", "sparse_categorical_accuracy", "val_loss",
+                             "val_sparse_categorical_accuracy"], (rank, r)
+        assert max(r["val"].values()) <= 1e-5, (rank, r)
+
+
 def test_evaluate_and_predict_over_uneven_shards(reports):
     for rank, r in enumerate(case(reports, "fit")):
         assert max(r["evaluate"].values()) <= 1e-5, (rank, r["evaluate"])
@@ -79,6 +86,20 @@ def test_interrupted_fit_resumed_by_backup_and_restore_equals_an_uninterrupted_o
         assert r["interrupted"] == "injected interruption" and r["had_backup"], (rank, r)
         assert r["iterations"][0] == r["iterations"][1], (rank, r)
         assert r["weights"] <= 1e-6, (rank, r)
+
+
+def test_a_fit_interrupted_mid_epoch_resumes_equal_on_every_rank(reports):
+    """dist_bn.keras.callbacks.BackupAndRestore: rank 0 alone backs up (every batch);
+    on resume every rank gets its state and skips the 2 batches already trained."""
+    for rank, r in enumerate(case(reports, "resume_mid_epoch")):
+        assert r["interrupted"] == "injected interruption", (rank, r)
+        if rank == 0:
+            assert r["metadata"]["epoch"] == 1 and r["metadata"]["batches_done"] == 2, r["metadata"]
+        else:
+            assert r["metadata"] is None, (rank, r["metadata"])  # nothing written off rank 0
+        assert r["ranks_agree"] and r["iterations"][0] == r["iterations"][1], (rank, r)
+        assert r["weights"] <= 1e-6, (rank, r)
+        assert not r["backup_left"], rank  # deleted at the end of the resumed fit
 
 
 def test_learning_rate_warmup_and_rank_zero_helpers(reports):

@@ -23,8 +23,9 @@ from dist_bn.training.checkpoint import (CheckpointError, Checkpoints, ResumeErr
                                          choose_checkpoint, find_checkpoints, state_file_problem)
 from dist_bn.training.distributed import World
 from dist_bn.training.model import build_model
+from dist_bn.training.callbacks import RunTensorBoard
 from dist_bn.training.report import Reporter, ReportError
-from launch.config import load_config
+from dist_bn.training.schema import load_config
 
 
 @pytest.fixture(scope="module")
@@ -213,15 +214,21 @@ def test_a_save_on_a_full_disk_keeps_the_previous_checkpoint(small_disk, config)
 
 
 @pytest.mark.parametrize("what", ["tensorboard", "train.log", "metrics.json"])
-def test_a_full_disk_under_the_reporter_is_one_line(small_disk, what):
-    reporter = Reporter(small_disk, active=True, tensorboard=True)
+def test_a_full_disk_under_the_reporter_is_one_line(small_disk, config, what):
+    """train.log and metrics.json (Reporter) and TensorBoard (Keras's, in RunTensorBoard)."""
+    reporter = Reporter(small_disk, active=True)
     reporter.say("first line")
     reporter.metrics({"epoch": 1})
+    board = RunTensorBoard(small_disk)
+    model = build_model(config["model"], config["data"])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    board.set_model(model)
+    board.on_train_begin()
     fill(small_disk)
     with pytest.raises(ReportError) as info:
         for step in range(10000):  # buffered writers fail once their buffer has to reach the disk
             if what == "tensorboard":
-                reporter.scalars({"train/loss": 1.0}, step)
+                board.on_epoch_end(step, {"loss": 1.0, "val_loss": 1.0})
             elif what == "train.log":
                 reporter.say("x" * 200)
             else:

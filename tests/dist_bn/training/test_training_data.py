@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from dist_bn.training import data
-from launch.config import load_config
+from dist_bn.training.schema import load_config
 
 DATA = {"frames": 6, "height": 16, "width": 16, "num_classes": 4, "train_clips": 48, "eval_clips": 20, "seed": 3}
 

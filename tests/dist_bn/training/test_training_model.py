@@ -11,7 +11,7 @@ import pytest
 from dist_bn import SyncBatchNormalization
 from dist_bn.training.loop import GIB, memory_problem
 from dist_bn.training.model import build_model, training_step_bytes
-from launch.config import load_config
+from dist_bn.training.schema import load_config
 from paths import REPO
 
 MODEL = {"width": 4, "depth": 3, "bn": "sync", "momentum": 0.8}

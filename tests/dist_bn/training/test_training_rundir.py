@@ -17,7 +17,7 @@ import pytest
 from dist_bn import rank_env
 from dist_bn.training.rundir import (MARKER_FILE, RunDirError, aside_name, load_saved_config, prepare_run_dir,
                                      resume_conflicts, save_config)
-from launch.config import load_config
+from dist_bn.training.schema import load_config
 
 TIMEOUT_S = 120
 NOW = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
