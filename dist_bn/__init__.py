@@ -8,20 +8,37 @@ the `PreciseBN` callback) sets exact population statistics, `fold_batchnorm`
 folds BN into the layer before it. `dist_bn.keras` (imported on its own,
 `import dist_bn.keras as hvd`) makes Keras 3's `model.fit` work across
 Horovod ranks under Horovod's names: `DistributedOptimizer` and callbacks.
+
+Where things live:
+  layer.py            SyncBatchNormalization (weights, call; no numerics)
+  ops.py              sync_moments, sync_batch_normalization: forward and backward
+  moments.py          per-rank moments and their exact merge (pure numerics)
+  kernels.py          the normalization itself, TF's fused kernel where it applies
+  collectives.py      the all-reduce and the process set it runs in; its
+                      transports: mpi_transport.py (+ collective_watchdog.py)
+                      and Horovod
+  convert.py          convert_sync_batchnorm / revert_sync_batchnorm at any depth
+  precise_statistics.py  precise_bn and PreciseBN
+  folding.py, export.py  fold_batchnorm; dist-bn-export
+  keras/              model.fit across ranks (DistributedOptimizer, callbacks)
+  training/           the 3D-conv training job (python -m dist_bn.training),
+                      its config schema (training/schema.py) on config/
+  verify/, bench/     dist-bn-verify and dist-bn-bench
+  reference.py        float64 NumPy batch norm, the tests' and verify's truth
+  rank_env.py, keras_backend.py  the launcher's rank variables; the backend check
 """
 import importlib
-import sys
-import types
 
-# Public name -> module defining it. Imported on first use (PEP 562), so that
+# Public name -> module defining it (no module is named like a public name,
+# so `import dist_bn.<module>` never shadows one). Imported on first use (PEP 562), so that
 # `import dist_bn.config` or `dist_bn.training.rundir` (the launcher's
 # imports) does not start TensorFlow.
 _EXPORTS = {
-    "PreciseBN": "dist_bn.precise_bn",
+    "PreciseBN": "dist_bn.precise_statistics",
     "SyncBatchNormalization": "dist_bn.layer",
     "convert_sync_batchnorm": "dist_bn.convert",
     "fold_batchnorm": "dist_bn.folding",
-    "precise_bn": "dist_bn.precise_bn",
+    "precise_bn": "dist_bn.precise_statistics",
     "revert_sync_batchnorm": "dist_bn.convert",
     "sync_batch_normalization": "dist_bn.ops",
     "sync_moments": "dist_bn.ops",
@@ -51,17 +68,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_EXPORTS])
-
-
-class _Package(types.ModuleType):
-    """Keeps an exported name bound to what `_EXPORTS` names when a submodule of
-    the same name is imported (`dist_bn.precise_bn`, module and function): the
-    import system sets the submodule as an attribute of its package."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

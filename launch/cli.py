@@ -12,6 +12,13 @@ training job, with the config's launcher settings. Every config problem is
 reported before any process starts, as one line
 'dist-bn-launch: error: WHERE: KEY: PROBLEM', with exit code 2. Otherwise the
 exit code is the job's.
+
+Where things live: `launch/schema.py` (the launcher, horovod and cluster
+sections, added to the job's own schema from `dist_bn.training.schema`),
+`launch/config.py` (loading the whole file), `launch/preflight.py` (checks
+before anything starts), `launch/command.py` (the horovodrun/mpirun command
+line and the ranks' environment), `launch/runner.py` (running it: signals,
+exit codes), `launch/emit.py` (Slurm script and MPIJob).
 """
 from __future__ import annotations
 

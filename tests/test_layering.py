@@ -36,9 +36,17 @@ def test_the_job_leaves_exactly_the_launchers_sections_alone():
     assert list(SECTIONS) == [*JOB_SECTIONS, *LAUNCH_SECTIONS]
 
 
-def test_the_lazy_package_exports_what_it_did():
-    code = ("import dist_bn.precise_bn, dist_bn; from dist_bn import precise_bn, SyncBatchNormalization; "
-            "assert callable(precise_bn) and not isinstance(precise_bn, type(dist_bn)); "
-            "assert all(getattr(dist_bn, n) for n in dist_bn.__all__); print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+def test_the_lazy_package_exports_what_it_did_and_no_module_shadows_it():
+    """Every module of the package imported first, then every public name is
+    still the function or class, never a module of the same name."""
+    modules = sorted(".".join(p.relative_to(REPO).with_suffix("").parts)
+                     for p in (REPO / "dist_bn").rglob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    code = ("import importlib, types, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "import dist_bn\n"
+            "from dist_bn import precise_bn, SyncBatchNormalization\n"
+            "assert callable(precise_bn) and not isinstance(precise_bn, types.ModuleType)\n"
+            "assert all(not isinstance(getattr(dist_bn, n), types.ModuleType) for n in dist_bn.__all__)\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -9,20 +9,12 @@ line `dist_bn.training: error: ...` printed by rank 0 only; 1 anything else
 """
 from __future__ import annotations
 
-import os
 import sys
+
+from dist_bn import rank_env
 
 PROG = "dist_bn.training"
 USAGE = f"usage: python -m {PROG} CONFIG.yaml [key.path=value ...]"
-
-
-def launcher_rank() -> int:
-    """This process's rank as the launcher set it, before Horovod starts (0 if none)."""
-    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 0
 
 
 USAGE_ERROR = 2
@@ -34,7 +26,7 @@ def error(message: str, code: int = USAGE_ERROR) -> int:
     which every rank also records for the launcher (see `supervision`)."""
     from dist_bn.config import printable
     from dist_bn.training.supervision import record_exit_status
-    rank = launcher_rank()
+    rank = rank_env.launcher_rank()
     if rank == 0:
         print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)
     record_exit_status(rank, code)

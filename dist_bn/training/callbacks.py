@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import keras
 
 from dist_bn.keras import broadcast_variables, callbacks as dist_callbacks, global_metric_results
-from dist_bn.precise_bn import PreciseBN
+from dist_bn.precise_statistics import PreciseBN
 from dist_bn.training import data as data_lib
 from dist_bn.training.report import TENSORBOARD_DIR, epoch_line, progress_line, writing
 
