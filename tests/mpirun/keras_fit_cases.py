@@ -18,6 +18,7 @@ interrupted mid-epoch resumed by dist_bn.keras's (rank 0 backs up alone).
 
 Usage: python keras_fit_cases.py REPORT_DIR CASE[,CASE...]
 """
+import functools
 import json
 import os
 import sys
@@ -248,20 +249,23 @@ class Interrupt(keras.callbacks.Callback):
             raise RuntimeError("injected interruption")
 
 
+def fit_three_epochs(x, y, seed, extra):
+    """3 epochs of fit from per-rank initial weights (seed + rank), `extra` callbacks first:
+    a BackupAndRestore restores in on_train_begin, the broadcast follows at batch 0."""
+    keras.utils.set_random_seed(seed + hvd.rank())
+    model = distributed(conv_net(SyncBatchNormalization), keras.optimizers.SGD(0.1, momentum=0.9),
+                        loss=SPARSE_CCE)
+    model.build((None,) + CLIP)
+    model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=3, shuffle=False, verbose=0,
+              callbacks=extra + [hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    return model
+
+
 def case_resume(report_dir):
     """A fit interrupted in epoch 2 of 3 and resumed by BackupAndRestore, against none."""
     x, y = data(hvd.size() * B * STEPS, seed=6)
     backup = os.path.join(report_dir, "backup", f"rank{hvd.rank()}")  # one directory per rank
-
-    def run(seed, extra):
-        keras.utils.set_random_seed(seed + hvd.rank())
-        model = distributed(conv_net(SyncBatchNormalization), keras.optimizers.SGD(0.1, momentum=0.9),
-                            loss=SPARSE_CCE)
-        model.build((None,) + CLIP)
-        # BackupAndRestore first: it restores in on_train_begin, the broadcast follows at batch 0.
-        model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=3, shuffle=False, verbose=0,
-                  callbacks=extra + [hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
-        return model
+    run = functools.partial(fit_three_epochs, x, y)
 
     keras.utils.set_random_seed(400)
     uninterrupted = run(400, [])
@@ -284,15 +288,7 @@ def case_resume_mid_epoch(report_dir):
     alone, from other initial weights on every rank; against an uninterrupted fit."""
     x, y = data(hvd.size() * B * STEPS, seed=8)
     backup = os.path.join(report_dir, "backup-mid", f"rank{hvd.rank()}")  # only rank 0's is written
-
-    def run(seed, extra):
-        keras.utils.set_random_seed(seed + hvd.rank())
-        model = distributed(conv_net(SyncBatchNormalization), keras.optimizers.SGD(0.1, momentum=0.9),
-                            loss=SPARSE_CCE)
-        model.build((None,) + CLIP)
-        model.fit(own_part(x, B), own_part(y, B), batch_size=B, epochs=3, shuffle=False, verbose=0,
-                  callbacks=extra + [hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
-        return model
+    run = functools.partial(fit_three_epochs, x, y)
 
     uninterrupted = run(800, [])
     interrupted = None
