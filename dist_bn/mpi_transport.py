@@ -3,10 +3,15 @@
 Why: a Horovod collective waits for Horovod's background cycle and its
 negotiation, about 1 ms for the 2C+1 values a BN layer sums, and a deep 3D
 net issues two per BN layer per step, one after the other. Here the same sum
-is one `MPI_Allreduce` through mpi4py, on a communicator of the process set's
-ranks created for dist_bn alone (so it never interleaves with Horovod's own
-MPI traffic), run from a `tf.numpy_function` pinned to the CPU: tens of µs.
-Tensors on a GPU are copied to the host (2C+1 values) and back.
+is one `MPI_Iallreduce` on a communicator of the process set's ranks created
+for dist_bn alone (so it never interleaves with Horovod's own MPI traffic),
+pinned to the CPU, issued by one of two paths:
+  kernel  dist_bn's compiled TensorFlow kernel (`dist_bn.mpi_op`), given the
+          communicator's handle by mpi4py: a few µs over the wire;
+  mpi4py  a `tf.numpy_function` calling mpi4py, where the kernel is not built
+          (about 120 µs of Python per call).
+Tensors on a GPU are copied to the host (2C+1 values) and back: the kernel
+is CPU-only, so TensorFlow places the copies.
 
 Pairing. Horovod matched tensors by name; MPI pairs collectives by call order.
 So every collective of a process set reads and increments one CPU
@@ -19,10 +24,14 @@ when all n ranks sent the same t and k (Cauchy-Schwarz), so a mis-paired
 collective (one rank in training mode and another not, a rank that skipped a
 layer) is detected on every rank at once, never used.
 
+Both paths add the prefix the same way (the kernel folds the payload's length
+into t, so ranks sending different lengths are caught too) and fail with the
+same one line on every rank.
+
 Hangs. A collective that does not complete within `timeout_s` (a peer
 stopped, dead, or waiting in another collective) ends the job through
 `MPI_Abort` after one line naming the collective and the ranks (see
-`dist_bn.collective_watchdog`).
+`dist_bn.collective_watchdog`, which times both paths).
 """
 import os
 import sys
@@ -36,6 +45,7 @@ import tensorflow as tf
 from tensorflow.python.ops import gen_resource_variable_ops
 
 from dist_bn import collective_watchdog
+from dist_bn import mpi_op
 
 # Payload prefix: [t, t^2, k, k^2]. t < 2^20 and k < 2^20 keep n*t^2 exact in
 # float64 for up to 2^13 ranks.
@@ -86,8 +96,9 @@ def mpi_or_none():
 class MPITransport:
     """The all-reduce of one process set: its communicator, sequence and watchdog."""
 
-    def __init__(self, MPI, ranks, set_id, timeout_s):
+    def __init__(self, MPI, ranks, set_id, timeout_s, compiled):
         world = MPI.COMM_WORLD
+        self.compiled = compiled  # the kernel, else the numpy_function
         self.MPI = MPI
         self.ranks = list(ranks)
         self.size = len(self.ranks)
@@ -96,6 +107,7 @@ class MPITransport:
         # creations for different sets apart.
         self.comm = world.Create_group(group, tag=1000 + set_id)
         group.Free()
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)  # e.g. truncation is an error, not an abort
         self.rank = self.comm.Get_rank()
         self.world_rank = world.Get_rank()
         self.description = f"process set {self.ranks}" if set_id else "the global process set"
@@ -106,6 +118,8 @@ class MPITransport:
         self._lock = threading.Lock()
         self._handles = weakref.WeakKeyDictionary()
         self.watchdog = collective_watchdog.get(MPI, timeout_s)
+        if compiled:
+            self.watchdog.watch(mpi_op.oldest_inflight)
         if self.size == world.Get_size():
             self.watchdog.start_heartbeat()  # every rank of the world is here too
 
@@ -129,6 +143,16 @@ class MPITransport:
     def allreduce_sum(self, tensor, name):
         """Element-wise sum of `tensor` over the set, in trace order, checked."""
         name_hash = name_tag(name)
+        if self.compiled:
+            with tf.device("/CPU:0"):
+                handle = self._sequence_handle()
+                sequence = gen_resource_variable_ops.read_variable_op(handle, tf.int64)
+                payload = tf.cast(tf.reshape(tensor, [-1]), tf.float64)
+                summed = mpi_op.allreduce(payload, sequence, self.MPI._handleof(self.comm), name,
+                                          name_hash, self.description, self.ranks)
+                with tf.control_dependencies([summed]):
+                    gen_resource_variable_ops.assign_add_variable_op(handle, tf.constant(1, tf.int64))
+            return tf.reshape(tf.cast(summed, tensor.dtype), tf.shape(tensor))
 
         def run(payload, sequence):
             return self._run(payload, int(sequence), name, name_hash)
@@ -228,9 +252,9 @@ def timeout_from_env():
 
 
 @tf.autograph.experimental.do_not_convert
-def transport_for(MPI, ranks, set_id):
-    """The (cached) MPITransport of a process set, created on first use by its members."""
-    key = (set_id, tuple(ranks))
+def transport_for(MPI, ranks, set_id, compiled):
+    """The (cached) MPITransport of a process set and path, created on first use by its members."""
+    key = (set_id, tuple(ranks), compiled)
     if key not in _TRANSPORTS:
-        _TRANSPORTS[key] = MPITransport(MPI, ranks, set_id, timeout_from_env())
+        _TRANSPORTS[key] = MPITransport(MPI, ranks, set_id, timeout_from_env(), compiled)
     return _TRANSPORTS[key]
