@@ -18,15 +18,15 @@ So every collective of a process set reads and increments one CPU
 `tf.Variable` of that set (its sequence number), which makes TensorFlow's
 automatic control dependencies run them in trace order, inside `tf.cond`
 branches and in the backward pass too, whatever the inter-op threads do. Each
-payload also carries [t, t^2, k, k^2]: t a hash of the collective's name, k the
-sequence number. The sums equal n*t, n*t^2, n*k, n*k^2 on every rank exactly
-when all n ranks sent the same t and k (Cauchy-Schwarz), so a mis-paired
-collective (one rank in training mode and another not, a rank that skipped a
-layer) is detected on every rank at once, never used.
-
-Both paths add the prefix the same way (the kernel folds the payload's length
-into t, so ranks sending different lengths are caught too) and fail with the
-same one line on every rank.
+collective is two all-reduces: first a header [t, t^2, k, k^2], t a hash of
+the collective's name and payload length, k the sequence number. The sums
+equal n*t, n*t^2, n*k, n*k^2 on every rank exactly when all n ranks sent the
+same t and k (Cauchy-Schwarz), so a mis-paired collective (one rank in
+training mode and another not, a rank that skipped a layer, a different
+channel count) is detected on every rank at once, and its payload never
+moves: MPI leaves an all-reduce of unequal lengths undefined (Open MPI
+truncates, hangs or crashes, measured). Both paths do the same, and fail
+with the same one line on every rank.
 
 Hangs. A collective that does not complete within `timeout_s` (a peer
 stopped, dead, or waiting in another collective) ends the job through
@@ -47,7 +47,7 @@ from tensorflow.python.ops import gen_resource_variable_ops
 from dist_bn import collective_watchdog
 from dist_bn import mpi_op
 
-# Payload prefix: [t, t^2, k, k^2]. t < 2^20 and k < 2^20 keep n*t^2 exact in
+# Header: [t, t^2, k, k^2]. t < 2^20 and k < 2^20 keep n*t^2 exact in
 # float64 for up to 2^13 ranks.
 TAG_VALUES = 4
 _TAG_MODULUS = 1 << 20
@@ -65,10 +65,11 @@ def name_tag(name):
     return zlib.crc32(name.encode("utf-8")) % (_TAG_MODULUS - 1) + 1
 
 
-def tags(name_hash, sequence):
-    """The float64 payload prefix [t, t^2, k, k^2] of a collective."""
+def tags(name_hash, sequence, length):
+    """The float64 header [t, t^2, k, k^2] of a collective: t folds in the length."""
+    t = (name_hash + 7919 * int(length)) % (_TAG_MODULUS - 1) + 1  # as the kernel does
     k = int(sequence) % _TAG_MODULUS
-    return np.array([name_hash, name_hash * name_hash, k, k * k], np.float64)
+    return np.array([t, t * t, k, k * k], np.float64)
 
 
 def tags_match(summed_tags, own_tags, size):
@@ -169,21 +170,25 @@ class MPITransport:
         return tf.reshape(tf.cast(summed, tensor.dtype), tf.shape(tensor))
 
     def _run(self, payload, sequence, name, name_hash):
-        own = tags(name_hash, sequence)
-        send = np.concatenate([own, payload])
-        recv = np.empty_like(send)
+        """The header's all-reduce, then (lengths known to agree) the payload's."""
+        own = tags(name_hash, sequence, payload.size)
+        summed = np.empty_like(own)
+        recv = np.empty_like(payload)
         with self._lock:
             token = self.watchdog.enter(name, sequence, self.description, self.ranks)
             try:
-                self._allreduce(send, recv)
+                self._allreduce(own, summed)
+                paired = tags_match(summed, own, self.size)
+                if paired:
+                    self._allreduce(payload, recv)
                 error = None
-            except self.MPI.Exception as exc:  # e.g. truncation: payload sizes differ
-                error = exc
+            except self.MPI.Exception as exc:
+                paired, error = False, exc
             finally:
                 self.watchdog.leave(token)
-            if error is not None or not tags_match(recv[:TAG_VALUES], own, self.size):
+            if not paired:
                 self._raise_mismatch(name, sequence, error)
-        return recv[TAG_VALUES:]
+        return recv
 
     def _allreduce(self, send, recv):
         """MPI_Iallreduce, polled: spin briefly, then yield the core between polls.

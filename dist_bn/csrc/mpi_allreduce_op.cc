@@ -5,12 +5,13 @@
 // 120 us of Python per call, more than the wire; a deep net issues two per BN
 // layer per step. Here it costs the MPI call plus a few us.
 //
-// Pairing: the payload travels behind the prefix [t, t^2, k, k^2] (t the
-// collective's name tag folded with its length, k its sequence number); the
-// sums equal n*t, n*t^2, n*k, n*k^2 exactly when every rank sent the same t
-// and k. On a mismatch (or an MPI error, e.g. truncation when lengths differ)
-// the ranks exchange what they called and the kernel fails with one line
-// naming each rank's collective.
+// Pairing: each call is two all-reduces. First the header [t, t^2, k, k^2]
+// (t the collective's name tag folded with its length, k its sequence
+// number): the sums equal n*t, n*t^2, n*k, n*k^2 exactly when every rank sent
+// the same t and k. Only then the payload, whose length is now known to agree
+// (MPI leaves unequal counts undefined: Open MPI truncates, hangs or crashes).
+// On a mismatch every rank knows at once; they exchange what they called and
+// the kernel fails with one line naming each rank's collective.
 //
 // Waiting: an AsyncOpKernel. It polls MPI_Test on the calling thread for a
 // short while (spinning, then yielding the core: a blocking MPI_Allreduce
@@ -88,14 +89,17 @@ void LeaveInflight(uint64_t id) {
 
 class MpiAllreduceOp;
 
+// One call: the header all-reduce (stage 0), then the payload's (stage 1).
 struct Pending {
   const MpiAllreduceOp* op;
   OpKernelContext* ctx;
   AsyncOpKernel::DoneCallback done;
   MPI_Request request;
-  std::vector<double> send, recv;
-  Tensor* output;
-  int64_t sequence;
+  int stage;
+  double tags[kTagValues], summed_tags[kTagValues];
+  const double* input;
+  double* output;
+  int64_t n, sequence;
   uint64_t inflight_id;
 };
 
@@ -136,6 +140,7 @@ class MpiAllreduceOp : public AsyncOpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ranks", &ranks_));
     // Open MPI's MPI_Comm is a pointer, MPICH's an int: mpi4py's handle fits both.
     comm_ = (MPI_Comm)(intptr_t)comm;
+    MPI_Comm_size(comm_, &size_);
     name_tag_ = tag;
     key_ = key;
     spin_us_ = EnvMicros("DIST_BN_MPI_SPIN_US", 20);
@@ -150,62 +155,76 @@ class MpiAllreduceOp : public AsyncOpKernel {
     OP_REQUIRES_ASYNC(ctx, tensorflow::TensorShapeUtils::IsScalar(sequence.shape()),
                       tensorflow::errors::InvalidArgument("dist_bn: the sequence must be a scalar"),
                       done);
-    const int64_t n = payload.NumElements();
     Tensor* output = nullptr;
     OP_REQUIRES_OK_ASYNC(ctx, ctx->allocate_output(0, payload.shape(), &output), done);
-    auto* p = new Pending{this, ctx, std::move(done), MPI_REQUEST_NULL, {}, {}, output, 0, 0};
+    auto* p = new Pending();
+    p->op = this;
+    p->ctx = ctx;
+    p->done = std::move(done);
+    p->stage = 0;
+    p->input = payload.flat<double>().data();
+    p->output = output->flat<double>().data();
+    p->n = payload.NumElements();
     p->sequence = sequence.scalar<tensorflow::int64>()();
-    p->send.resize(n + kTagValues);
-    p->recv.assign(n + kTagValues, 0.0);
-    OwnTags(n, p->sequence, p->send.data());
-    std::memcpy(p->send.data() + kTagValues, payload.flat<double>().data(), n * sizeof(double));
+    OwnTags(p->n, p->sequence, p->tags);
     p->inflight_id = EnterInflight(p->sequence, key_);
-    int rc = MPI_Iallreduce(p->send.data(), p->recv.data(), static_cast<int>(n + kTagValues),
-                            MPI_DOUBLE, MPI_SUM, comm_, &p->request);
+    // The fixed-size header first: ranks whose payloads differ in length (or
+    // that called different collectives) learn it before any payload moves,
+    // since an all-reduce of unequal counts is undefined in MPI (Open MPI
+    // truncates, hangs or crashes).
+    int rc = MPI_Iallreduce(p->tags, p->summed_tags, kTagValues, MPI_DOUBLE, MPI_SUM, comm_,
+                            &p->request);
     if (rc != MPI_SUCCESS) {
-      Finish(p, rc);
+      Fail(p, rc);
       return;
     }
     // Poll here first: the peer is usually there within microseconds.
     const auto start = Clock::now();
     const auto spin = std::chrono::microseconds(spin_us_);
     const auto budget = std::chrono::microseconds(inline_us_);
-    while (true) {
-      int flag = 0;
-      rc = MPI_Test(&p->request, &flag, MPI_STATUS_IGNORE);
-      if (rc != MPI_SUCCESS || flag) {
-        Finish(p, rc);
+    while (!Step(p)) {
+      auto waited = Clock::now() - start;
+      if (waited > budget) {
+        Poller::Get().Add(p);
         return;
       }
-      auto waited = Clock::now() - start;
-      if (waited > budget) break;
       if (waited > spin) sched_yield();
     }
-    Poller::Get().Add(p);
   }
 
-  // Checks the tags, writes the output (or the error) and calls done.
-  void Finish(Pending* p, int rc) const {
+  // Tests the request in flight and moves the call on; true once done() ran.
+  bool Step(Pending* p) const {
+    int flag = 0;
+    int rc = MPI_Test(&p->request, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) return Fail(p, rc);
+    if (!flag) return false;
+    if (p->stage == 0) {
+      for (int i = 0; i < kTagValues; ++i) {
+        if (p->summed_tags[i] != size_ * p->tags[i]) return Fail(p, MPI_SUCCESS);
+      }
+      p->stage = 1;
+      rc = MPI_Iallreduce(p->input, p->output, static_cast<int>(p->n), MPI_DOUBLE, MPI_SUM, comm_,
+                          &p->request);
+      return rc != MPI_SUCCESS ? Fail(p, rc) : false;
+    }
     LeaveInflight(p->inflight_id);
-    OpKernelContext* ctx = p->ctx;
-    const int64_t n = static_cast<int64_t>(p->send.size()) - kTagValues;
-    bool paired = rc == MPI_SUCCESS;
-    if (paired) {
-      int size = 0;
-      MPI_Comm_size(comm_, &size);
-      for (int i = 0; i < kTagValues; ++i) paired &= p->recv[i] == size * p->send[i];
-    }
-    if (paired) {
-      std::memcpy(p->output->flat<double>().data(), p->recv.data() + kTagValues, n * sizeof(double));
-    } else {
-      ctx->SetStatus(tensorflow::errors::FailedPrecondition(Mismatch(n, p->sequence, rc)));
-    }
     auto done = std::move(p->done);
     delete p;
     done();
+    return true;
   }
 
  private:
+  // Every rank of a mis-paired collective gets here at once: fail with who called what.
+  bool Fail(Pending* p, int rc) const {
+    LeaveInflight(p->inflight_id);
+    p->ctx->SetStatus(tensorflow::errors::FailedPrecondition(Mismatch(p->n, p->sequence, rc)));
+    auto done = std::move(p->done);
+    delete p;
+    done();
+    return true;
+  }
+
   // [t, t^2, k, k^2], t < 2^20 and k < 2^20: n*t^2 is exact in float64 for 2^13 ranks.
   void OwnTags(int64_t n, int64_t sequence, double* out) const {
     const double t = static_cast<double>((name_tag_ + 7919 * n) % (kTagModulus - 1) + 1);
@@ -258,6 +277,9 @@ class MpiAllreduceOp : public AsyncOpKernel {
              std::to_string(sequence) + ", " + std::to_string(n) + " values); the other ranks did not say";
     }
     std::string reason;
+    for (int i = 0; gathered && i < size; ++i) {
+      if (all[i].length != n) reason = " (payload lengths differ: channel counts?)";
+    }
     if (rc != MPI_SUCCESS) {
       char text[MPI_MAX_ERROR_STRING];
       int length = 0;
@@ -273,6 +295,7 @@ class MpiAllreduceOp : public AsyncOpKernel {
   }
 
   MPI_Comm comm_;
+  int size_ = 0;
   int64_t name_tag_ = 0, key_ = 0, spin_us_ = 0, inline_us_ = 0;
   std::string collective_, description_;
   std::vector<tensorflow::int64> ranks_;
@@ -288,19 +311,19 @@ void Poller::Loop() {
       while (!incoming_.empty()) {
         active.push_back(incoming_.front());
         incoming_.pop_front();
+        last_progress = Clock::now();
       }
     }
     bool progress = false;
     for (size_t i = 0; i < active.size();) {
       Pending* p = active[i];
-      int flag = 0;
-      int rc = MPI_Test(&p->request, &flag, MPI_STATUS_IGNORE);
-      if (rc != MPI_SUCCESS || flag) {
+      const int stage = p->stage;
+      if (p->op->Step(p)) {  // done: p is gone
         active[i] = active.back();
         active.pop_back();
-        p->op->Finish(p, rc);
         progress = true;
       } else {
+        progress |= p->stage != stage;
         ++i;
       }
     }
