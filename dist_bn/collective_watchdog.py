@@ -3,7 +3,8 @@
 A rank that is stopped (SIGSTOP), dead without its launcher noticing, or
 waiting in a different collective (it skipped a layer, or ran it with another
 training flag) leaves its peers blocked in `MPI_Allreduce` forever. A daemon
-thread per process looks once a second at the collective in flight; past the
+thread per process looks once a second at the collective in flight (the
+mpi4py path's, and the compiled kernel's through `Watchdog.watch`); past the
 timeout it prints one line naming the collective, its sequence number, the
 process set and the ranks that did not complete it, then calls `MPI_Abort`,
 which makes mpirun end every rank with a non-zero status.

@@ -10,20 +10,19 @@ watchdog the oldest as (age_s, name, sequence, description, ranks), through
 the per-collective key this module hands out.
 """
 import ctypes
-import itertools
 import threading
 
 import tensorflow as tf
 
-from dist_bn import build_op
-
 _lock = threading.Lock()
 _state = {}
-_keys = itertools.count()
+_keys = {}
 _described = {}
 
 
 def _load():
+    from dist_bn import build_op  # not at import: `python -m dist_bn.build_op` imports this package
+
     if "module" in _state:
         return _state["module"]
     module, why = None, None
@@ -60,8 +59,10 @@ def why_unavailable():
 
 def allreduce(payload, sequence, comm_handle, name, name_tag, description, ranks):
     """The kernel's op: float64 1-D `payload` summed over the communicator."""
-    key = next(_keys)
-    _described[key] = (name, description, list(ranks))
+    described = (name, description, tuple(ranks))
+    with _lock:  # one key per collective: eager calls reuse TF's cached kernel
+        key = _keys.setdefault(described, len(_keys))
+        _described[key] = described
     return load().dist_bn_mpi_allreduce(
         payload, sequence, comm=comm_handle, name_tag=name_tag, key=key,
         collective=name, description=description, ranks=list(ranks), name="dist_bn_mpi_allreduce")
@@ -75,5 +76,5 @@ def oldest_inflight():
     age, sequence, key = ctypes.c_double(), ctypes.c_int64(), ctypes.c_int64()
     if oldest(ctypes.byref(age), ctypes.byref(sequence), ctypes.byref(key)) == 0:
         return None
-    name, description, ranks = _described.get(key.value, ("?", "?", []))
-    return age.value, name, sequence.value, description, ranks
+    name, description, ranks = _described.get(key.value, ("?", "?", ()))
+    return age.value, name, sequence.value, description, list(ranks)

@@ -195,6 +195,16 @@ class MpiAllreduceOp : public AsyncOpKernel {
   // Tests the request in flight and moves the call on; true once done() ran.
   bool Step(Pending* p) const {
     int flag = 0;
+    MPI_Finalized(&flag);
+    if (flag) {  // Horovod ends MPI in every process when one rank leaves
+      LeaveInflight(p->inflight_id);
+      p->ctx->SetStatus(tensorflow::errors::Aborted(
+          "dist_bn: MPI was finalized during collective '", collective_, "' (a rank left the job)"));
+      auto done = std::move(p->done);
+      delete p;
+      done();
+      return true;
+    }
     int rc = MPI_Test(&p->request, &flag, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS) return Fail(p, rc);
     if (!flag) return false;

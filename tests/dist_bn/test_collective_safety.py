@@ -22,6 +22,7 @@ from mpirun_helpers import mpirun_argv, run_ranks
 from paths import CASES
 
 ORDERING_SCRIPT = str(CASES / "ordering_cases.py")
+TRANSPORT_SCRIPT = str(CASES / "transport_cases.py")
 FAULT_SCRIPT = str(CASES / "fault_cases.py")
 TIMEOUT_S = 10
 
@@ -38,6 +39,21 @@ def test_parallel_pathways_pair_by_layer(np, tmp_path):
         worst = max(report["errors"].values())
         assert worst <= 1e-5, f"rank {rank}: {report['errors']}"
         assert any(name.startswith("b_bn") for name in report["errors"])
+
+
+def test_every_transport_sums_exactly_and_the_kernel_is_the_default(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_ranks(mpirun_argv(3, TRANSPORT_SCRIPT, str(report_path)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["default"] == "mpi"
+    assert len(report["errors"]) == 3 * 3 * 2 * 2
+    # float64 sums of 3 values in another order may differ in the last bit.
+    assert all(error <= 1e-14 for key, error in report["errors"].items() if "float64" in key), report
+    assert all(error <= 1e-6 for error in report["errors"].values()), report
+    assert report["without_kernel"] == "mpi4py"
+    assert report["forced_without_kernel"].startswith(
+        "DIST_BN_TRANSPORT=mpi, but the kernel is switched off by this test;")
 
 
 def _run_fault(fault):
