@@ -48,6 +48,10 @@ def command():
             + mpi_compile + tf.sysconfig.get_link_flags() + mpi_link)
 
 
+def source_hash():
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def stamp_of(argv):
     """What the build depends on: the source's bytes and the command line."""
     digest = hashlib.sha256(SOURCE.read_bytes())
@@ -55,12 +59,17 @@ def stamp_of(argv):
     return digest.hexdigest()
 
 
+def stamp_text(argv):
+    """The stamp's content: the source's hash (checked at load), then the build's."""
+    return f"{source_hash()} {stamp_of(argv)}\n"
+
+
 def up_to_date(argv=None):
     """Whether the built kernel matches the source (and, given argv, the flags)."""
     if not (LIBRARY.exists() and STAMP.exists()):
         return False
     recorded = STAMP.read_text().split()
-    if not recorded or recorded[0] != hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]:
+    if not recorded or recorded[0] != source_hash():
         return False
     return argv is None or recorded[1:2] == [stamp_of(argv)]
 
@@ -74,8 +83,7 @@ def build(force=False):
         out = Path(tmp) / LIBRARY.name
         subprocess.run(argv + ["-o", str(out)], check=True)
         os.replace(out, LIBRARY)  # atomic: a rank loading it sees the old or the new
-    source_hash = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    STAMP.write_text(f"{source_hash} {stamp_of(argv)}\n")
+    STAMP.write_text(stamp_text(argv))
     return LIBRARY
 
 
