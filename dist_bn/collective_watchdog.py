@@ -59,7 +59,8 @@ class Watchdog:
         """Also time what `source()` reports: the oldest collective it has in flight as
         (age_s, name, sequence, description, ranks), or None (the compiled kernel's)."""
         with self._lock:
-            self._sources.append(source)
+            if source not in self._sources:
+                self._sources.append(source)
             if self._thread is None and self.timeout_s > 0:
                 self._thread = threading.Thread(target=self._watch, name="dist_bn-watchdog", daemon=True)
                 self._thread.start()

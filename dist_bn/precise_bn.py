@@ -39,6 +39,7 @@ import tensorflow as tf
 from dist_bn import collectives
 from dist_bn import convert
 from dist_bn import moments
+from dist_bn.layer import SyncBatchNormalization
 
 logger = logging.getLogger("dist_bn")
 
@@ -57,6 +58,9 @@ def _tap(layer, accumulator, original):
 
     def call(inputs, *args, **kwargs):
         x = tf.cast(inputs, tf.float64)
+        if isinstance(layer, SyncBatchNormalization):
+            # An empty shard from oneDNN's Conv3D may carry its input's channel count.
+            x = layer._with_layer_channels(x)
         axes = moments.reduction_axes(x.shape.rank, layer.axis)
         mask = kwargs.get("mask")
         if mask is not None and (layer.axis % x.shape.rank != x.shape.rank - 1
