@@ -26,7 +26,7 @@ training mode and another not, a rank that skipped a layer, a different
 channel count) is detected on every rank at once, and its payload never
 moves: MPI leaves an all-reduce of unequal lengths undefined (Open MPI
 truncates, hangs or crashes, measured). Both paths do the same, and fail
-with the same one line on every rank.
+with one line on every rank naming each rank's collective.
 
 Hangs. A collective that does not complete within `timeout_s` (a peer
 stopped, dead, or waiting in another collective) ends the job through
