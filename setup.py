@@ -49,6 +49,8 @@ setup(
     license="Apache-2.0",
     python_requires="==3.11.*",
     packages=find_packages(include=["dist_bn", "dist_bn.*", "launch", "launch.*"]),
+    # The MPI all-reduce kernel's source: `python -m dist_bn.build_op` compiles it.
+    package_data={"dist_bn": ["csrc/*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

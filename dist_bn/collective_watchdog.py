@@ -3,7 +3,8 @@
 A rank that is stopped (SIGSTOP), dead without its launcher noticing, or
 waiting in a different collective (it skipped a layer, or ran it with another
 training flag) leaves its peers blocked in `MPI_Allreduce` forever. A daemon
-thread per process looks once a second at the collective in flight; past the
+thread per process looks once a second at the collective in flight (the
+mpi4py path's, and the compiled kernel's through `Watchdog.watch`); past the
 timeout it prints one line naming the collective, its sequence number, the
 process set and the ranks that did not complete it, then calls `MPI_Abort`,
 which makes mpirun end every rank with a non-zero status.
@@ -37,6 +38,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._thread = None
         self._heartbeat = None
+        self._sources = []  # callables: the oldest collective in flight elsewhere, or None
         self._mpi_lock = threading.Lock()  # the watchdog's MPI calls vs the goodbye at exit
 
     def enter(self, name, sequence, description, ranks):
@@ -53,10 +55,30 @@ class Watchdog:
         with self._lock:
             self._inflight.pop(token, None)
 
+    def watch(self, source):
+        """Also time what `source()` reports: the oldest collective it has in flight as
+        (age_s, name, sequence, description, ranks), or None (the compiled kernel's)."""
+        with self._lock:
+            if source not in self._sources:
+                self._sources.append(source)
+            if self._thread is None and self.timeout_s > 0:
+                self._thread = threading.Thread(target=self._watch, name="dist_bn-watchdog", daemon=True)
+                self._thread.start()
+
+    def _entries(self):
+        """Every collective in flight as (started, name, sequence, description, ranks)."""
+        with self._lock:
+            entries, sources = list(self._inflight.values()), list(self._sources)
+        now = time.monotonic()
+        for source in sources:
+            oldest = source()
+            if oldest is not None:
+                entries.append((now - oldest[0],) + tuple(oldest[1:]))
+        return entries
+
     def overdue(self, now):
         """The oldest collective in flight longer than the timeout, or None."""
-        with self._lock:
-            late = [entry for entry in self._inflight.values() if now - entry[0] > self.timeout_s]
+        late = [entry for entry in self._entries() if now - entry[0] > self.timeout_s]
         return min(late, key=lambda entry: entry[0]) if late else None
 
     def start_heartbeat(self):
@@ -114,8 +136,7 @@ class Watchdog:
 
     def _abort_silent(self, silent_s):
         rank = self.MPI.COMM_WORLD.Get_rank()
-        with self._lock:
-            inflight = sorted(self._inflight.values(), key=lambda entry: entry[0])
+        inflight = sorted(self._entries(), key=lambda entry: entry[0])
         where = (f" while rank {rank} waits in collective #{inflight[0][2]} '{inflight[0][1]}'"
                  if inflight else "")
         self._end(

@@ -4,14 +4,18 @@ Everything here degrades to the identity when Horovod is not initialized or
 the process set has a single member, so single-process code runs unchanged
 and issues no collective at all.
 
-The layer's all-reduce (`allreduce_sum`) has two transports:
-  mpi      one MPI_Allreduce through mpi4py on a communicator of the set's
-           ranks (`dist_bn.mpi_transport`): ordered, checked, tens of µs;
-           used whenever Horovod's controller is MPI with MPI_THREAD_MULTIPLE;
+The layer's all-reduce (`allreduce_sum`) has three transports:
+  mpi      one MPI_Iallreduce from dist_bn's compiled kernel on a communicator
+           of the set's ranks (`dist_bn.mpi_transport`, `dist_bn.mpi_op`):
+           ordered, checked, a few µs over the wire; used whenever Horovod's
+           controller is MPI with MPI_THREAD_MULTIPLE and the kernel is built;
+  mpi4py   the same collective through mpi4py in a tf.numpy_function (about
+           120 µs more per call): the same conditions, kernel not built;
   horovod  `hvd.allreduce`, matched by name (about 1 ms per call): Gloo, or
            MPI without MPI_THREAD_MULTIPLE.
-DIST_BN_TRANSPORT=auto (default), mpi (fail if unavailable) or horovod picks
-one; `use_transport` does so for the collectives traced inside it.
+DIST_BN_TRANSPORT=auto (default: the first that can run), mpi, mpi4py (fail
+if unavailable) or horovod picks one; `use_transport` does so for the
+collectives traced inside it.
 """
 import contextlib
 import os
@@ -21,9 +25,10 @@ import numpy as np
 import tensorflow as tf
 from horovod.common import process_sets as _process_sets
 
+from dist_bn import mpi_op
 from dist_bn import mpi_transport
 
-TRANSPORTS = ("auto", "mpi", "horovod")
+TRANSPORTS = ("auto", "mpi", "mpi4py", "horovod")
 _forced_transport = None
 
 
@@ -85,10 +90,11 @@ def allreduce_sum(tensor, name, process_set):
     """
     if group_size(process_set) == 1:
         return tensor
-    if transport_name(tensor.dtype) == "mpi":
+    transport = transport_name(tensor.dtype)
+    if transport in ("mpi", "mpi4py"):
         ranks = process_set.ranks or list(range(hvd.size()))
         transport = mpi_transport.transport_for(mpi_transport.mpi_or_none(), ranks,
-                                                process_set.process_set_id or 0)
+                                                process_set.process_set_id or 0, transport == "mpi")
         return transport.allreduce_sum(tensor, name)
     return hvd.allreduce(tensor, op=hvd.Sum, name=name, process_set=process_set)
 
@@ -107,7 +113,7 @@ def _mpi_usable():
 
 
 def transport_name(dtype=tf.float64):
-    """'mpi' or 'horovod': the transport allreduce_sum uses now for `dtype`."""
+    """'mpi', 'mpi4py' or 'horovod': the transport allreduce_sum uses now for `dtype`."""
     requested = _forced_transport or os.environ.get("DIST_BN_TRANSPORT", "auto")
     if requested not in TRANSPORTS:
         raise ValueError(f"DIST_BN_TRANSPORT={requested!r}: choose one of {', '.join(TRANSPORTS)}.")
@@ -115,15 +121,21 @@ def transport_name(dtype=tf.float64):
         return "horovod"
     why_not = _mpi_usable() if dtype.is_floating else "the tensor is not floating point"
     if why_not is None:
-        return "mpi"
-    if requested == "mpi":
-        raise RuntimeError(f"DIST_BN_TRANSPORT=mpi, but {why_not}; unset it to use Horovod's all-reduce.")
+        kernel_missing = None if requested == "mpi4py" else mpi_op.why_unavailable()
+        if kernel_missing is None:
+            return "mpi4py" if requested == "mpi4py" else "mpi"
+        if requested == "auto":
+            return "mpi4py"
+        why_not = kernel_missing
+    if requested != "auto":
+        raise RuntimeError(f"DIST_BN_TRANSPORT={requested}, but {why_not}; "
+                           "unset it to use the fastest transport available.")
     return "horovod"
 
 
 @contextlib.contextmanager
 def use_transport(name):
-    """Collectives traced (or run eagerly) inside use 'auto', 'mpi' or 'horovod'."""
+    """Collectives traced (or run eagerly) inside use 'auto', 'mpi', 'mpi4py' or 'horovod'."""
     global _forced_transport
     if name not in TRANSPORTS:
         raise ValueError(f"transport {name!r}: choose one of {', '.join(TRANSPORTS)}.")

@@ -3,26 +3,35 @@
 Why: a Horovod collective waits for Horovod's background cycle and its
 negotiation, about 1 ms for the 2C+1 values a BN layer sums, and a deep 3D
 net issues two per BN layer per step, one after the other. Here the same sum
-is one `MPI_Allreduce` through mpi4py, on a communicator of the process set's
-ranks created for dist_bn alone (so it never interleaves with Horovod's own
-MPI traffic), run from a `tf.numpy_function` pinned to the CPU: tens of µs.
-Tensors on a GPU are copied to the host (2C+1 values) and back.
+is one `MPI_Iallreduce` on a communicator of the process set's ranks created
+for dist_bn alone (so it never interleaves with Horovod's own MPI traffic),
+pinned to the CPU, issued by one of two paths:
+  kernel  dist_bn's compiled TensorFlow kernel (`dist_bn.mpi_op`), given the
+          communicator's handle by mpi4py: a few µs over the wire;
+  mpi4py  a `tf.numpy_function` calling mpi4py, where the kernel is not built
+          (about 120 µs of Python per call).
+Tensors on a GPU are copied to the host (2C+1 values) and back: the kernel
+is CPU-only, so TensorFlow places the copies.
 
 Pairing. Horovod matched tensors by name; MPI pairs collectives by call order.
 So every collective of a process set reads and increments one CPU
 `tf.Variable` of that set (its sequence number), which makes TensorFlow's
 automatic control dependencies run them in trace order, inside `tf.cond`
 branches and in the backward pass too, whatever the inter-op threads do. Each
-payload also carries [t, t^2, k, k^2]: t a hash of the collective's name, k the
-sequence number. The sums equal n*t, n*t^2, n*k, n*k^2 on every rank exactly
-when all n ranks sent the same t and k (Cauchy-Schwarz), so a mis-paired
-collective (one rank in training mode and another not, a rank that skipped a
-layer) is detected on every rank at once, never used.
+collective is two all-reduces: first a header [t, t^2, k, k^2], t a hash of
+the collective's name and payload length, k the sequence number. The sums
+equal n*t, n*t^2, n*k, n*k^2 on every rank exactly when all n ranks sent the
+same t and k (Cauchy-Schwarz), so a mis-paired collective (one rank in
+training mode and another not, a rank that skipped a layer, a different
+channel count) is detected on every rank at once, and its payload never
+moves: MPI leaves an all-reduce of unequal lengths undefined (Open MPI
+truncates, hangs or crashes, measured). Both paths do the same, and fail
+with one line on every rank naming each rank's collective.
 
 Hangs. A collective that does not complete within `timeout_s` (a peer
 stopped, dead, or waiting in another collective) ends the job through
 `MPI_Abort` after one line naming the collective and the ranks (see
-`dist_bn.collective_watchdog`).
+`dist_bn.collective_watchdog`, which times both paths).
 """
 import os
 import sys
@@ -36,8 +45,9 @@ import tensorflow as tf
 from tensorflow.python.ops import gen_resource_variable_ops
 
 from dist_bn import collective_watchdog
+from dist_bn import mpi_op
 
-# Payload prefix: [t, t^2, k, k^2]. t < 2^20 and k < 2^20 keep n*t^2 exact in
+# Header: [t, t^2, k, k^2]. t < 2^20 and k < 2^20 keep n*t^2 exact in
 # float64 for up to 2^13 ranks.
 TAG_VALUES = 4
 _TAG_MODULUS = 1 << 20
@@ -55,10 +65,11 @@ def name_tag(name):
     return zlib.crc32(name.encode("utf-8")) % (_TAG_MODULUS - 1) + 1
 
 
-def tags(name_hash, sequence):
-    """The float64 payload prefix [t, t^2, k, k^2] of a collective."""
+def tags(name_hash, sequence, length):
+    """The float64 header [t, t^2, k, k^2] of a collective: t folds in the length."""
+    t = (name_hash + 7919 * int(length)) % (_TAG_MODULUS - 1) + 1  # as the kernel does
     k = int(sequence) % _TAG_MODULUS
-    return np.array([name_hash, name_hash * name_hash, k, k * k], np.float64)
+    return np.array([t, t * t, k, k * k], np.float64)
 
 
 def tags_match(summed_tags, own_tags, size):
@@ -86,8 +97,9 @@ def mpi_or_none():
 class MPITransport:
     """The all-reduce of one process set: its communicator, sequence and watchdog."""
 
-    def __init__(self, MPI, ranks, set_id, timeout_s):
+    def __init__(self, MPI, ranks, set_id, timeout_s, compiled):
         world = MPI.COMM_WORLD
+        self.compiled = compiled  # the kernel, else the numpy_function
         self.MPI = MPI
         self.ranks = list(ranks)
         self.size = len(self.ranks)
@@ -96,6 +108,7 @@ class MPITransport:
         # creations for different sets apart.
         self.comm = world.Create_group(group, tag=1000 + set_id)
         group.Free()
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)  # e.g. truncation is an error, not an abort
         self.rank = self.comm.Get_rank()
         self.world_rank = world.Get_rank()
         self.description = f"process set {self.ranks}" if set_id else "the global process set"
@@ -106,6 +119,8 @@ class MPITransport:
         self._lock = threading.Lock()
         self._handles = weakref.WeakKeyDictionary()
         self.watchdog = collective_watchdog.get(MPI, timeout_s)
+        if compiled:
+            self.watchdog.watch(mpi_op.oldest_inflight)
         if self.size == world.Get_size():
             self.watchdog.start_heartbeat()  # every rank of the world is here too
 
@@ -129,6 +144,16 @@ class MPITransport:
     def allreduce_sum(self, tensor, name):
         """Element-wise sum of `tensor` over the set, in trace order, checked."""
         name_hash = name_tag(name)
+        if self.compiled:
+            with tf.device("/CPU:0"):
+                handle = self._sequence_handle()
+                sequence = gen_resource_variable_ops.read_variable_op(handle, tf.int64)
+                payload = tf.cast(tf.reshape(tensor, [-1]), tf.float64)
+                summed = mpi_op.allreduce(payload, sequence, self.MPI._handleof(self.comm), name,
+                                          name_hash, self.description, self.ranks)
+                with tf.control_dependencies([summed]):
+                    gen_resource_variable_ops.assign_add_variable_op(handle, tf.constant(1, tf.int64))
+            return tf.reshape(tf.cast(summed, tensor.dtype), tf.shape(tensor))
 
         def run(payload, sequence):
             return self._run(payload, int(sequence), name, name_hash)
@@ -145,21 +170,25 @@ class MPITransport:
         return tf.reshape(tf.cast(summed, tensor.dtype), tf.shape(tensor))
 
     def _run(self, payload, sequence, name, name_hash):
-        own = tags(name_hash, sequence)
-        send = np.concatenate([own, payload])
-        recv = np.empty_like(send)
+        """The header's all-reduce, then (lengths known to agree) the payload's."""
+        own = tags(name_hash, sequence, payload.size)
+        summed = np.empty_like(own)
+        recv = np.empty_like(payload)
         with self._lock:
             token = self.watchdog.enter(name, sequence, self.description, self.ranks)
             try:
-                self._allreduce(send, recv)
+                self._allreduce(own, summed)
+                paired = tags_match(summed, own, self.size)
+                if paired:
+                    self._allreduce(payload, recv)
                 error = None
-            except self.MPI.Exception as exc:  # e.g. truncation: payload sizes differ
-                error = exc
+            except self.MPI.Exception as exc:
+                paired, error = False, exc
             finally:
                 self.watchdog.leave(token)
-            if error is not None or not tags_match(recv[:TAG_VALUES], own, self.size):
+            if not paired:
                 self._raise_mismatch(name, sequence, error)
-        return recv[TAG_VALUES:]
+        return recv
 
     def _allreduce(self, send, recv):
         """MPI_Iallreduce, polled: spin briefly, then yield the core between polls.
@@ -228,9 +257,9 @@ def timeout_from_env():
 
 
 @tf.autograph.experimental.do_not_convert
-def transport_for(MPI, ranks, set_id):
-    """The (cached) MPITransport of a process set, created on first use by its members."""
-    key = (set_id, tuple(ranks))
+def transport_for(MPI, ranks, set_id, compiled):
+    """The (cached) MPITransport of a process set and path, created on first use by its members."""
+    key = (set_id, tuple(ranks), compiled)
     if key not in _TRANSPORTS:
-        _TRANSPORTS[key] = MPITransport(MPI, ranks, set_id, timeout_from_env())
+        _TRANSPORTS[key] = MPITransport(MPI, ranks, set_id, timeout_from_env(), compiled)
     return _TRANSPORTS[key]

@@ -242,6 +242,15 @@ def _collective_chain(collective, payload, length):
     return chain
 
 
+def _transports_besides_default():
+    """The transports that can run here other than the default one (for comparison)."""
+    default = collectives.transport_name()
+    usable = ["horovod"]
+    if default in ("mpi", "mpi4py"):
+        usable.insert(0, "mpi4py")
+    return [t for t in usable if t != default]
+
+
 def deep_section(args):
     """Step time of a deep thin 3D net, local BN vs ours vs Horovod's, and the
     per-collective latency of each transport, all in one run."""
@@ -262,8 +271,9 @@ def deep_section(args):
 
     steps["keras BatchNormalization (local)"] = keras3(lambda: keras.layers.BatchNormalization(epsilon=EPSILON))
     steps["dist_bn SyncBatchNormalization"] = keras3(lambda: dist_bn.SyncBatchNormalization(epsilon=EPSILON))
-    steps["dist_bn SyncBatchNormalization, horovod transport"] = keras3(
-        lambda: dist_bn.SyncBatchNormalization(epsilon=EPSILON), "horovod")
+    for transport in _transports_besides_default():
+        steps[f"dist_bn SyncBatchNormalization, {transport} transport"] = keras3(
+            lambda: dist_bn.SyncBatchNormalization(epsilon=EPSILON), transport)
     skipped = {}
     try:
         for key, bn in (("tf-keras BatchNormalization (local)", tf.keras.layers.BatchNormalization),
@@ -280,9 +290,7 @@ def deep_section(args):
     process_set = collectives.resolve_process_set(None)
     payload = tf.zeros([2 * args.deep_channels + 1], tf.float64)
     chains = {}
-    for transport in ("mpi", "horovod"):
-        if collectives.transport_name() != "mpi" and transport == "mpi":
-            continue
+    for transport in [collectives.transport_name(), *_transports_besides_default()]:
         chains[f"dist_bn allreduce_sum ({transport} transport)"] = _collective_chain(
             lambda x, i: collectives.allreduce_sum(x, f"bench/deep/{transport}/{i}", process_set),
             payload, bn_layers)

@@ -36,11 +36,13 @@ def test_bench_reports_every_section(tmp_path):
     assert deep["bn_layers"] == 3 and deep["transport"] == "mpi"
     assert {row["variant"] for row in deep["steps"]} == {
         "keras BatchNormalization (local)", "dist_bn SyncBatchNormalization",
+        "dist_bn SyncBatchNormalization, mpi4py transport",
         "dist_bn SyncBatchNormalization, horovod transport", "tf-keras BatchNormalization (local)",
         "horovod SyncBatchNormalization (tf-keras)"}
     assert all(row["ms"] > 0 for row in deep["steps"])
     assert set(deep["collective_latency_us"]) == {
-        "dist_bn allreduce_sum (mpi transport)", "dist_bn allreduce_sum (horovod transport)",
+        "dist_bn allreduce_sum (mpi transport)", "dist_bn allreduce_sum (mpi4py transport)",
+        "dist_bn allreduce_sum (horovod transport)",
         "bare hvd.allreduce", "raw mpi4py Allreduce"}
     assert "x local BN" in result.stdout
     assert "sync/local" in result.stdout

@@ -24,6 +24,7 @@ from paths import CASES
 pytestmark = pytest.mark.mpirun
 
 ORDERING_SCRIPT = str(CASES / "ordering_cases.py")
+TRANSPORT_SCRIPT = str(CASES / "transport_cases.py")
 FAULT_SCRIPT = str(CASES / "fault_cases.py")
 TIMEOUT_S = 10
 
@@ -34,13 +35,27 @@ def test_parallel_pathways_pair_by_layer(np, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np)]
     for rank, report in enumerate(reports):
-        # Known flake (see the closing note of this stop): once in a full-suite
-        # run the MPI transport was not chosen; Horovod's pairs by name, so the
-        # equality below must hold on either.
-        assert report["transport"] in ("mpi", "horovod") and report["inter_op_threads"] == 4
+        # The compiled kernel's path, and nothing else, paired the collectives.
+        assert report["transport"] == "mpi" and report["paths"] == ["kernel"], report
+        assert report["inter_op_threads"] == 4
         worst = max(report["errors"].values())
         assert worst <= 1e-5, f"rank {rank}: {report['errors']}"
         assert any(name.startswith("b_bn") for name in report["errors"])
+
+
+def test_every_transport_sums_exactly_and_the_kernel_is_the_default(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_ranks(mpirun_argv(3, TRANSPORT_SCRIPT, str(report_path)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["default"] == "mpi"
+    assert len(report["errors"]) == 3 * 3 * 2 * 2
+    # float64 sums of 3 values in another order may differ in the last bit.
+    assert all(error <= 1e-14 for key, error in report["errors"].items() if "float64" in key), report
+    assert all(error <= 1e-6 for error in report["errors"].values()), report
+    assert report["without_kernel"] == "mpi4py"
+    assert report["forced_without_kernel"].startswith(
+        "DIST_BN_TRANSPORT=mpi, but the kernel is switched off by this test;")
 
 
 def _run_fault(fault):
@@ -74,6 +89,21 @@ def test_skipped_layer_call_is_detected():
     assert lines and all("mis-paired collective" in line for line in lines)
     assert any("rank 0: 'dist_bn/bn_c/moments'" in line for line in lines)
     assert "rank 0 step 2" not in result.stdout
+
+
+def test_unequal_payload_lengths_fail_at_once_on_every_rank():
+    # MPI leaves an all-reduce of unequal counts undefined (Open MPI truncates,
+    # hangs or crashes): the kernel's fixed-size header catches it first.
+    result, _ = _run_fault("length_mismatch")
+    assert result.returncode != 0
+    lines = set(_dist_bn_lines(result))
+    assert lines == {"dist_bn: mis-paired collective in the global process set (payload lengths "
+                     "differ: channel counts?): rank 0: 'probe/moments' (#12, 9 values), rank 1: "
+                     "'probe/moments' (#12, 11 values). Every rank of a process set must call the "
+                     "same SyncBatchNormalization layers in the same order with the same training "
+                     "flag."}, lines
+    # Caught by the header (the watchdog's line would say "waited"), before the step.
+    assert "rank 0 step 2" not in result.stdout and "rank 1 step 2" not in result.stdout
 
 
 def test_stopped_rank_ends_the_job_after_the_timeout():

@@ -8,7 +8,10 @@
   stop               rank 1 stops itself (SIGSTOP) at step 2: the watchdog
                      of the others ends it;
   stop_in_horovod    rank 1 stops itself after step 2, so rank 0 waits in a
-                     Horovod all-reduce: the heartbeat ends it.
+                     Horovod all-reduce: the heartbeat ends it;
+  length_mismatch    at step 2, dist_bn.sync_moments of 4 channels on rank 0
+                     and 5 on rank 1 (one name): payloads of unequal length,
+                     caught by the header before any payload moves.
 Each rank prints "step N" after every step it completes. The steps run
 eagerly: no rank waits for another's tracing, so a short
 DIST_BN_COLLECTIVE_TIMEOUT_S cannot fire before the fault.
@@ -58,6 +61,8 @@ def main(fault):
             os.kill(os.getpid(), signal.SIGSTOP)
         a_training = not (faulty and fault == "training_mismatch")
         call_c = not (faulty and fault == "skip_call")
+        if fault == "length_mismatch" and i == FAULT_STEP:
+            dist_bn.sync_moments(tf.ones([2, 4 + rank]), axes=[0], name="probe")
         step(a_training, call_c)
         print(f"rank {rank} step {i}", flush=True)
         if faulty and fault == "stop_in_horovod":

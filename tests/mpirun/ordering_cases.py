@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dist_bn  # noqa: E402
-from dist_bn import collectives  # noqa: E402
+from dist_bn import collectives, mpi_transport  # noqa: E402
 
 CLIP = (2, 5, 5, 3)
 LEARNING_RATE = 0.1
@@ -77,6 +77,9 @@ def main(report_dir):
     tensor_flag = tf.function(lambda flag: sgd_step(model, x, y, total, flag, True))
     steps = [lambda: sgd_step(model, x, y, total, True, True), python_bool, python_bool,
              lambda: tensor_flag(tf.constant(True)), lambda: tensor_flag(tf.constant(True))]
+    # Asked while every rank is still in the job: once one rank leaves,
+    # Horovod shuts down on all of them and the answer would be "horovod".
+    transport = collectives.transport_name()
     for step in steps:
         step()
         sgd_step(reference, tf.constant(x_all), tf.constant(y_all), total, True, False)
@@ -85,7 +88,9 @@ def main(report_dir):
     for got, want in zip(model.weights, reference.weights):
         scale = max(1.0, float(np.max(np.abs(want.numpy()))))
         errors[got.path] = float(np.max(np.abs(got.numpy() - want.numpy()))) / scale
-    report = {"world": size, "transport": collectives.transport_name(),
+    report = {"world": size, "transport": transport,
+              "paths": sorted("kernel" if compiled else "mpi4py"
+                              for (_, _, compiled) in mpi_transport._TRANSPORTS),
               "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
               "steps": len(steps), "errors": errors}
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
