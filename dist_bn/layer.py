@@ -41,7 +41,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
     ignored. All ranks of the process set must call the layer in training
     mode together (a rank with an empty batch too), with the same channel
     count; an empty batch may even carry a wrong one (see
-    `_with_layer_channels`).
+    `with_layer_channels`).
     """
 
     def __init__(
@@ -114,7 +114,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             )
         super().build(input_shape)
         # The channel count is checked in call(), where an empty batch with a
-        # wrong one (see _with_layer_channels) can be let through.
+        # wrong one (see with_layer_channels) can be let through.
         self.input_spec = keras.InputSpec(ndim=ndim)
 
     def call(self, inputs, training=None, mask=None):
@@ -123,7 +123,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                 f"{self.name}: inputs must be floating point, got {inputs.dtype.name}; "
                 "cast them first, e.g. keras.ops.cast(x, 'float32')."
             )
-        x = self._with_layer_channels(tf.cast(inputs, ops.compute_dtype(inputs.dtype)))
+        x = with_layer_channels(self, tf.cast(inputs, ops.compute_dtype(inputs.dtype)))
         weights = None if mask is None else moments.mask_weights(mask, x, self.axis)
         if not self.trainable or training is None:
             training = False
@@ -136,9 +136,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                 lambda: self._infer(x),
             )
         return tf.cast(outputs, self.compute_dtype)
-
-    def _with_layer_channels(self, x):
-        return with_layer_channels(self, x)
 
     def _infer(self, x):
         """Normalize with the moving statistics: no collective, no update."""

@@ -1,5 +1,4 @@
 """examples/ run as documented and show what they claim."""
-import os
 import re
 
 import pytest
@@ -7,12 +6,11 @@ import pytest
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
-ROOT = str(REPO)
 
 
 @pytest.mark.mpirun
 def test_global_vs_local_statistics_example():
-    result = run_ranks(mpirun_argv(2, os.path.join(ROOT, "examples", "global_vs_local_statistics.py")))
+    result = run_ranks(mpirun_argv(2, str(REPO / "examples" / "global_vs_local_statistics.py")))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     for rank in range(2):

@@ -1,11 +1,9 @@
 """The README's promises that code can check: its commands and its config table."""
-import os
 
 from launch.schema import render_markdown
 from paths import REPO
 
-ROOT = str(REPO)
-README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+README = open(REPO / "README.md", encoding="utf-8").read()
 
 
 def test_readme_opens_with_the_demo_and_test_commands():
@@ -15,7 +13,7 @@ def test_readme_opens_with_the_demo_and_test_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    ci = open(REPO / ".ci" / "run", encoding="utf-8").read()
     assert "bash scripts/test.sh" in ci
 
 

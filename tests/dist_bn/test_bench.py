@@ -4,7 +4,6 @@ Only that it runs and what it reports are tested here; its numbers are
 measurements, read by people, never asserted.
 """
 import json
-import os
 import sys
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
-ROOT = str(REPO)
 
 
 @pytest.mark.mpirun
@@ -20,7 +18,7 @@ def test_bench_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     result = run_ranks(mpirun_argv(2, "-m", "dist_bn.bench.cli", "--steps", "2", "--warmup", "1",
                                    "--shapes", "1x2x8x8x8", "--deep-blocks", "1", "--deep-channels", "4",
-                                   "--deep-shape", "1x2x4x4", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+                                   "--deep-shape", "1x2x4x4", "--config", str(REPO / "configs" / "demo.yaml"),
                                    "--json", str(out), "data.frames=4", "data.height=16", "data.width=16",
                                    "model.width=4", "model.depth=2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -12,7 +12,6 @@ line naming the layer and/or the ranks, in bounded time: mis-pairs at once, a
 stopped rank after DIST_BN_COLLECTIVE_TIMEOUT_S (10 s here, 60 s by default).
 """
 import json
-import os
 import re
 import time
 

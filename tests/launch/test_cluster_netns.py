@@ -17,7 +17,6 @@ CAP_NET_ADMIN); CI runs it as root.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 

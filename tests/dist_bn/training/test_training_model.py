@@ -2,8 +2,6 @@
 and the memory estimate that refuses configs too big for the machine."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
