@@ -26,8 +26,14 @@ Where things live:
   verify/, bench/     dist-bn-verify and dist-bn-bench
   reference.py        float64 NumPy batch norm, the tests' and verify's truth
   rank_env.py, keras_backend.py  the launcher's rank variables; the backend check
+  open_mpi_waits.py   Open MPI yields the core while waiting where ranks have
+                      fewer cores than busy threads (set here, at import)
 """
 import importlib
+
+from dist_bn.open_mpi_waits import prefer_yielding_waits as _prefer_yielding_waits
+
+_prefer_yielding_waits()  # before MPI starts (hvd.init()), which reads it
 
 # Public name -> module defining it (no module is named like a public name,
 # so `import dist_bn.<module>` never shadows one). Imported on first use (PEP 562), so that

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import dist_bn
-from dist_bn import collectives, moments
+from dist_bn import collectives, moments, open_mpi_waits
 
 EPSILON = 1e-3
 HOROVOD_KNOBS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY",
@@ -52,7 +52,7 @@ def _grad_step(forward, x, dy, variables):
 
 
 def layer_section(args):
-    """Forward+backward of one BN layer per implementation, per shape."""
+    """Forward+backward of one BN layer per implementation, per shape, timed in turns."""
     rows = []
     for shape in args.shapes:
         channels = shape[-1]
@@ -77,11 +77,10 @@ def layer_section(args):
             layer.build(shape)
             variables = [w.value if isinstance(w, keras.Variable) else w for w in layer.trainable_weights]
             variants[name] = _grad_step(lambda x, layer=layer: layer(x, training=True), x, dy, variables)
-        base = None
-        for name, step in variants.items():
-            ms = median_ms(step, args.steps, args.warmup, f"layer/{name}/{shape}")
-            base = base or ms
-            rows.append({"shape": shape, "variant": name, "ms": ms, "vs_fused": ms / base})
+        times = median_ms_interleaved(variants, args.steps, args.warmup, f"layer/{shape}")
+        base = times["tf fused kernel (local)"]
+        rows += [{"shape": shape, "variant": name, "ms": ms, "vs_fused": ms / base}
+                 for name, ms in times.items()]
     return rows
 
 
@@ -326,6 +325,7 @@ def run(args):
         "tf_threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                        "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
         "horovod_knobs": {k: os.environ.get(k) for k in HOROVOD_KNOBS},
+        "open_mpi_yield_when_idle": os.environ.get(open_mpi_waits.VARIABLE),
         "steps": args.steps, "warmup": args.warmup,
     }
     for section in args.sections:
@@ -337,6 +337,7 @@ def render(results):
     """The results as a short plain-text report."""
     lines = [f"dist-bn-bench: {results['world_size']} ranks, controller {results['controller']}, "
              f"device {results['device']}, Horovod knobs {results['horovod_knobs']}, "
+             f"{open_mpi_waits.VARIABLE}={results.get('open_mpi_yield_when_idle')}, "
              f"median of {results['steps']} steps after {results['warmup']} warm-up"]
     for row in results.get("layer", []):
         shape = "x".join(map(str, row["shape"]))

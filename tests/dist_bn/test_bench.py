@@ -4,10 +4,12 @@ Only that it runs and what it reports are tested here; its numbers are
 measurements, read by people, never asserted.
 """
 import json
+import os
 import sys
 
 import pytest
 
+from dist_bn.open_mpi_waits import LOCAL_SIZE_VARIABLE, VARIABLE, wants_yield
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
@@ -24,6 +26,9 @@ def test_bench_reports_every_section(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["controller"] == "mpi"
+    cores = os.cpu_count() or 1  # mpirun_argv does not bind: each rank may use every core
+    crowded = VARIABLE not in os.environ and wants_yield({LOCAL_SIZE_VARIABLE: "2"}, cores, cores)
+    assert report["open_mpi_yield_when_idle"] == ("1" if crowded else os.environ.get(VARIABLE))
     variants = {row["variant"] for row in report["layer"]}
     assert variants == {"tf fused kernel (local)", "keras BatchNormalization (local)",
                         "dist_bn SyncBatchNormalization", "horovod SyncBatchNormalization"}
