@@ -7,7 +7,7 @@ when the job is idle (measured here: 3.0 s of CPU in 3 s). Where a node's
 ranks, each with that thread beside its compute, outnumber the cores, the
 spinning takes the core a rank's compute needs, and every synchronized BN
 layer then waits for the rank it slowed: a deep net's step measured 1.29-1.45x
-local BN that way, 1.08-1.13x with Open MPI yielding the core between polls
+local BN that way, 1.07-1.12x with Open MPI yielding the core between polls
 (README, Performance).
 
 Open MPI yields only when `mpi_yield_when_idle` is set, which it does itself
@@ -23,13 +23,15 @@ import warnings
 
 VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
 LOCAL_SIZE_VARIABLE = "OMPI_COMM_WORLD_LOCAL_SIZE"  # set by Open MPI's mpirun (and horovodrun --mpi)
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
 THREADS_PER_RANK = 2  # TensorFlow's compute and Horovod's background thread
 
 
 def wants_yield(environ, affinity_cores, node_cores):
     """True when the user left VARIABLE unset and a rank's share of the cores
-    (its own, if bound; else the node's split over Open MPI's count of the
-    node's ranks) is less than the THREADS_PER_RANK busy threads it runs."""
+    (its own, if bound; else the node's, `node_cores`, split over Open MPI's
+    count of the node's ranks) is less than the THREADS_PER_RANK busy threads
+    it runs."""
     if VARIABLE in environ:
         return False
     local_size = environ.get(LOCAL_SIZE_VARIABLE, "")
@@ -55,12 +57,24 @@ def affinity_cores():
         return os.cpu_count() or 1
 
 
+def node_cores(cpu_max_path=CGROUP_CPU_MAX):
+    """The cores the node's ranks share: the CPU count, capped by a container's
+    CPU quota (a Kubernetes CPU limit shows as cgroup v2's cpu.max)."""
+    cores = os.cpu_count() or 1
+    try:
+        with open(cpu_max_path) as f:
+            quota, period = f.read().split()[:2]
+        return cores if quota == "max" else min(cores, int(quota) / int(period))
+    except (OSError, ValueError, ZeroDivisionError):
+        return cores
+
+
 def prefer_yielding_waits(environ=None):
     """Set VARIABLE=1 in `environ` (default: this process's) when `wants_yield`,
     unless MPI has already started (then warn with the fix). Returns whether
     it set it."""
     environ = os.environ if environ is None else environ
-    if not wants_yield(environ, affinity_cores(), os.cpu_count() or 1):
+    if not wants_yield(environ, affinity_cores(), node_cores()):
         return False
     if mpi_started():
         warnings.warn(

@@ -42,10 +42,19 @@ def test_sets_the_variable_only_when_wanted():
     assert open_mpi_waits.prefer_yielding_waits({}) is False
 
 
+@pytest.mark.parametrize("cpu_max, want", [
+    ("max 100000\n", "all"), ("150000 100000\n", 1.5), ("", "all"), (None, "all")])
+def test_node_cores_follow_a_container_quota(cpu_max, want, tmp_path):
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    cores = os.cpu_count() or 1
+    assert open_mpi_waits.node_cores(str(path)) == (cores if want == "all" else min(cores, want))
+
+
 def _expected_on_this_machine(ranks):
     """What the rule says for `ranks` unbound ranks here (mpirun_argv: -bind-to none)."""
-    cores = os.cpu_count() or 1
-    return wants_yield({LOCAL: str(ranks)}, cores, cores)
+    return wants_yield({LOCAL: str(ranks)}, open_mpi_waits.affinity_cores(), open_mpi_waits.node_cores())
 
 
 @pytest.mark.mpirun
