@@ -69,12 +69,17 @@ def node_cores(cpu_max_path=CGROUP_CPU_MAX):
         return cores
 
 
+def wants_yield_here(environ):
+    """`wants_yield` for this process's cores, with `environ` as its environment."""
+    return wants_yield(environ, affinity_cores(), node_cores())
+
+
 def prefer_yielding_waits(environ=None):
     """Set VARIABLE=1 in `environ` (default: this process's) when `wants_yield`,
     unless MPI has already started (then warn with the fix). Returns whether
     it set it."""
     environ = os.environ if environ is None else environ
-    if not wants_yield(environ, affinity_cores(), node_cores()):
+    if not wants_yield_here(environ):
         return False
     if mpi_started():
         warnings.warn(

@@ -337,7 +337,7 @@ def render(results):
     """The results as a short plain-text report."""
     lines = [f"dist-bn-bench: {results['world_size']} ranks, controller {results['controller']}, "
              f"device {results['device']}, Horovod knobs {results['horovod_knobs']}, "
-             f"{open_mpi_waits.VARIABLE}={results.get('open_mpi_yield_when_idle')}, "
+             f"{open_mpi_waits.VARIABLE}={results['open_mpi_yield_when_idle']}, "
              f"median of {results['steps']} steps after {results['warmup']} warm-up"]
     for row in results.get("layer", []):
         shape = "x".join(map(str, row["shape"]))

@@ -54,7 +54,7 @@ def test_node_cores_follow_a_container_quota(cpu_max, want, tmp_path):
 
 def _expected_on_this_machine(ranks):
     """What the rule says for `ranks` unbound ranks here (mpirun_argv: -bind-to none)."""
-    return wants_yield({LOCAL: str(ranks)}, open_mpi_waits.affinity_cores(), open_mpi_waits.node_cores())
+    return open_mpi_waits.wants_yield_here({LOCAL: str(ranks)})
 
 
 @pytest.mark.mpirun
