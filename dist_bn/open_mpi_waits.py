@@ -7,8 +7,8 @@ when the job is idle (measured here: 3.0 s of CPU in 3 s). Where a node's
 ranks, each with that thread beside its compute, outnumber the cores, the
 spinning takes the core a rank's compute needs, and every synchronized BN
 layer then waits for the rank it slowed: a deep net's step measured 1.29-1.45x
-local BN that way, 1.07-1.12x with Open MPI yielding the core between polls
-(README, Performance).
+local BN that way, a median of 1.08x over eleven runs (1.07-1.22x) with Open
+MPI yielding the core between polls (README, Performance).
 
 Open MPI yields only when `mpi_yield_when_idle` is set, which it does itself
 only when it starts more ranks than a node has slots. `prefer_yielding_waits`
@@ -27,17 +27,20 @@ CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "m
 THREADS_PER_RANK = 2  # TensorFlow's compute and Horovod's background thread
 
 
-def wants_yield(environ, affinity_cores, node_cores):
-    """True when the user left VARIABLE unset and a rank's share of the cores
-    (its own, if bound; else the node's, `node_cores`, split over Open MPI's
-    count of the node's ranks) is less than the THREADS_PER_RANK busy threads
-    it runs."""
+def local_ranks(environ):
+    """Open MPI's count of this node's ranks, or None when the user set VARIABLE
+    (their setting wins) or Open MPI's mpirun did not start this process."""
     if VARIABLE in environ:
-        return False
+        return None
     local_size = environ.get(LOCAL_SIZE_VARIABLE, "")
-    if not local_size.isdigit() or int(local_size) < 1:
-        return False
-    return THREADS_PER_RANK > min(affinity_cores, node_cores / int(local_size))
+    return int(local_size) if local_size.isdigit() and int(local_size) >= 1 else None
+
+
+def wants_yield(ranks, affinity_cores, node_cores):
+    """True when a rank's share of the cores (its own, if bound; else the
+    node's, `node_cores`, split over the node's `ranks`, see local_ranks) is
+    less than the THREADS_PER_RANK busy threads it runs; False for ranks None."""
+    return ranks is not None and THREADS_PER_RANK > min(affinity_cores, node_cores / ranks)
 
 
 def mpi_started():
@@ -70,8 +73,12 @@ def node_cores(cpu_max_path=CGROUP_CPU_MAX):
 
 
 def wants_yield_here(environ):
-    """`wants_yield` for this process's cores, with `environ` as its environment."""
-    return wants_yield(environ, affinity_cores(), node_cores())
+    """`wants_yield` for this process's cores, with `environ` as its environment.
+
+    The cores are only counted (a file read) under Open MPI's mpirun.
+    """
+    ranks = local_ranks(environ)
+    return ranks is not None and wants_yield(ranks, affinity_cores(), node_cores())
 
 
 def prefer_yielding_waits(environ=None):

@@ -7,7 +7,6 @@ from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
 
-
 @pytest.mark.mpirun
 def test_global_vs_local_statistics_example():
     result = run_ranks(mpirun_argv(2, str(REPO / "examples" / "global_vs_local_statistics.py")))

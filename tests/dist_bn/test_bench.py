@@ -14,7 +14,6 @@ from mpirun_helpers import mpirun_argv, run_ranks
 from paths import REPO
 
 
-
 @pytest.mark.mpirun
 def test_bench_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"

@@ -1,8 +1,8 @@
 """Open MPI yields the core while waiting where a rank has fewer cores than busy threads.
 
-The rule is pure (`wants_yield`); under mpirun, Open MPI's own value is read
-back through the MPI tool interface, for dist_bn imported before and after
-hvd.init() and for a user who set the variable.
+The rule is pure (`local_ranks`, `wants_yield`); under mpirun, Open MPI's own
+value is read back through the MPI tool interface, for dist_bn imported before
+and after hvd.init() and for a user who set the variable.
 """
 import json
 import os
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from dist_bn import open_mpi_waits
-from dist_bn.open_mpi_waits import VARIABLE, wants_yield
+from dist_bn.open_mpi_waits import VARIABLE, local_ranks, wants_yield
 from mpirun_helpers import mpirun_argv, run_ranks
 from paths import CASES, REPO
 
@@ -30,7 +30,7 @@ LOCAL = open_mpi_waits.LOCAL_SIZE_VARIABLE
     ({LOCAL: "n/a"}, 2, 2, False),
 ])
 def test_rule(environ, affinity, node, want):
-    assert wants_yield(environ, affinity, node) is want
+    assert wants_yield(local_ranks(environ), affinity, node) is want
 
 
 def test_sets_the_variable_only_when_wanted():
